@@ -1,0 +1,1 @@
+"""Measured boot: TCG event logs, platform references, chain profiles, prediction, verdicts."""

@@ -1,0 +1,1 @@
+"""Object storage for published releases: a local folder and S3."""
