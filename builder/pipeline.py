@@ -1,0 +1,395 @@
+"""The build: a recipe becomes signed artifacts, a disk image and golden measurements.
+
+Read it as a script of named stages, one call each (mkosi's ``build_image`` is the model):
+
+    load recipe -> load keys -> fetch inputs -> make initrd -> make UKI -> sign -> make disk
+    -> make varstore -> predict PCRs -> write build.json
+
+Everything is written into a staging folder beside ``out/<name>/<version>/`` that replaces it
+only when every stage succeeded, with ``build.json`` written last: a failed build leaves the
+output folder as it was, never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from builder import __version__
+from builder.disk import DiskLayout, gpt_event_data, make_disk
+from builder.disk import Partition as DiskPartition
+from builder.errors import InputFileError, UserInputError
+from builder.fsutil import sha256_file, staging_dir, write_atomic
+from builder.initrd import CpioEntry, make_initrd
+from builder.inputs import DebPackage, fetch_package, read_deb
+from builder.measure.chain import load_chain
+from builder.measure.platform import load_platform
+from builder.measure.predict import predict, write_measurements
+from builder.pe import authenticode_digest, is_signed
+from builder.recipe import Recipe, load_recipe, render_template
+from builder.secureboot.authenticode import sign_pe
+from builder.secureboot.keys import KeySet, load_keyset
+from builder.secureboot.signer import Signer
+from builder.secureboot.signers import open_signer
+from builder.secureboot.varstore import make_varstore
+from builder.uki import UKISection, make_uki
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "bootchain.build/v1"
+STUB_PATH = "usr/lib/systemd/boot/efi/linuxx64.efi.stub"
+BOOTLOADER_PATH = "usr/lib/systemd/boot/efi/systemd-bootx64.efi"
+PROBE = Path(__file__).resolve().parent.parent / "qemu" / "probe" / "probe.sh"
+ESP_BOOTLOADER = "EFI/BOOT/BOOTX64.EFI"
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    outdir: Path
+    recipe: Recipe
+    artifacts: tuple[dict[str, Any], ...]
+
+
+@dataclass
+class _Context:
+    """What the stages hand each other. Only pipeline.py sees it."""
+
+    recipe: Recipe
+    keyset: KeySet
+    signer: Signer
+    offline: bool
+    stage: Path
+    packages: dict[str, DebPackage]
+    outputs: dict[str, Path]
+    artifacts: list[dict[str, Any]]
+
+
+def build(
+    recipe_path: Path,
+    *,
+    variables: Mapping[str, str] | None = None,
+    out_root: Path = Path("out"),
+    keys: Path | None = None,
+    signer_spec: str | None = None,
+    offline: bool = False,
+    progress: Progress | None = None,
+) -> BuildResult:
+    """Build ``recipe_path`` into ``out_root/<name>/<version>/`` and return what was made."""
+    say = progress or (lambda _msg: None)
+    say("load recipe")
+    recipe = load_recipe(recipe_path, variables)
+    keyset = load_keys(recipe, keys)
+    signer = open_signer(signer_spec or f"file:{keyset.directory / 'db.key'}",
+                         keyset.directory / "db.crt")
+    check_signer(signer, keyset)
+    outdir = out_root / recipe.name / recipe.version
+    with staging_dir(outdir) as stage:
+        ctx = _Context(recipe, keyset, signer, offline, stage, {}, {}, [])
+        _stage(say, "fetch inputs", fetch_inputs, ctx)
+        _stage(say, "make initrd", make_initrd_stage, ctx)
+        _stage(say, "make UKI", make_uki_stage, ctx)
+        _stage(say, "sign", sign_stage, ctx)
+        _stage(say, "make disk", make_disk_stage, ctx)
+        _stage(say, "make varstore", make_varstore_stage, ctx)
+        _stage(say, "predict PCRs", predict_stage, ctx)
+        _stage(say, "write build.json", write_build_json, ctx)
+    return BuildResult(outdir=outdir, recipe=recipe, artifacts=tuple(ctx.artifacts))
+
+
+def _stage(say: Progress, name: str, fn: Callable[[_Context], None], ctx: _Context) -> None:
+    say(name)
+    started = time.monotonic()
+    fn(ctx)
+    log.info("%s: %.2f s", name, time.monotonic() - started)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def load_keys(recipe: Recipe, override: Path | None) -> KeySet:
+    """The recipe's key set (or ``--keys``), validated."""
+    return load_keyset(override if override is not None else recipe.keys)
+
+
+def check_signer(signer: Signer, keyset: KeySet) -> None:
+    """The signer must sign with the key set's db certificate, or nothing would boot."""
+    if signer.certificate != keyset.db_cert:
+        raise UserInputError(
+            f"signer {signer.description} does not hold the db certificate of key set "
+            f"{keyset.directory}",
+            hint="sign with the db key of the recipe's key set",
+        )
+
+
+def fetch_inputs(ctx: _Context) -> None:
+    """Download (or take from the cache) every pinned package and unpack it in memory."""
+    for role, pin in sorted(ctx.recipe.packages.items()):
+        path = fetch_package(pin, offline=ctx.offline)
+        ctx.packages[role] = read_deb(path)
+
+
+def kernel_release(kernel: DebPackage) -> str:
+    """The release string of the one kernel in the package (``6.1.0-56-amd64``)."""
+    releases = sorted(
+        {p.split("/")[3] for p in kernel.members if p.startswith("lib/modules/") and
+         p.count("/") >= 4}
+    )
+    if len(releases) != 1:
+        raise InputFileError(
+            f"kernel package {kernel.name} {kernel.version}: expected one release under "
+            f"lib/modules/, found {releases or 'none'}"
+        )
+    return releases[0]
+
+
+def _member(package: DebPackage, path: str) -> bytes:
+    data = package.members.get(path)
+    if data is None:
+        raise InputFileError(f"package {package.name} {package.version} has no {path}")
+    return data
+
+
+def make_initrd_stage(ctx: _Context) -> None:
+    recipe = ctx.recipe
+    init = render_template(
+        recipe.init_template,
+        {
+            "name": recipe.name,
+            "version": recipe.version,
+            "cmdline": recipe.cmdline,
+            "modules": list(recipe.modules),
+        },
+    )
+    extra = [
+        CpioEntry.file(item.dst.lstrip("/"), item.src.read_bytes(), item.mode)
+        for item in recipe.initrd_files
+    ]
+    if recipe.probe:
+        extra.append(CpioEntry.file("bootchain/probe.sh", PROBE.read_bytes(), 0o755))
+    kernel = ctx.packages["kernel"]
+    data = make_initrd(
+        busybox=ctx.packages["busybox"],
+        kernel=kernel,
+        kernel_release=kernel_release(kernel),
+        modules=recipe.modules,
+        init_script=init.encode(),
+        extra_files=extra,
+        compression=recipe.compression,
+        source_date_epoch=recipe.source_date_epoch,
+    )
+    _write(ctx, "initrd.img", data)
+
+
+def _osrel(recipe: Recipe) -> bytes:
+    base = recipe.osrel.read_bytes() if recipe.osrel else b""
+    if base and not base.endswith(b"\n"):
+        base += b"\n"
+    # The image's identity is appended so each build says what it is.
+    return base + f'IMAGE_ID={recipe.name}\nIMAGE_VERSION="{recipe.version}"\n'.encode()
+
+
+def make_uki_stage(ctx: _Context) -> None:
+    recipe = ctx.recipe
+    kernel = ctx.packages["kernel"]
+    linux = _member(kernel, f"boot/vmlinuz-{kernel_release(kernel)}")
+    stub = _member(ctx.packages["systemd-boot"], STUB_PATH)
+    sections = [
+        UKISection(".osrel", _osrel(recipe), measure=True),
+        UKISection(".cmdline", recipe.cmdline.encode(), measure=True),
+    ]
+    for name, path in ((".splash", recipe.splash), (".dtb", recipe.dtb)):
+        if path is not None:
+            sections.append(UKISection(name, path.read_bytes(), measure=True))
+    if recipe.pcrpkey is not None:
+        sections.append(UKISection(".pcrpkey", recipe.pcrpkey.read_bytes(), measure=True))
+    # As ukify does: .initrd, then .linux last.
+    sections += [
+        UKISection(".initrd", ctx.outputs["initrd.img"].read_bytes(), measure=True),
+        UKISection(".linux", linux, measure=True),
+    ]
+    _write(ctx, recipe.uki_filename, make_uki(stub, sections, recipe.source_date_epoch))
+
+
+def sign_stage(ctx: _Context) -> None:
+    """Authenticode-sign systemd-boot and the UKI with the db key."""
+    loader = _member(ctx.packages["systemd-boot"], BOOTLOADER_PATH)
+    if is_signed(loader):
+        raise InputFileError(f"{BOOTLOADER_PATH} from {ctx.packages['systemd-boot'].name} is "
+                             "already signed; bootchain signs it with your db key")
+    _write(ctx, "BOOTX64.EFI", sign_pe(loader, ctx.signer))
+    uki = ctx.outputs[ctx.recipe.uki_filename]
+    _write(ctx, ctx.recipe.uki_filename, sign_pe(uki.read_bytes(), ctx.signer))
+    for name in ("PK", "KEK", "db"):
+        _write(ctx, f"keys/{name}.crt", (ctx.keyset.directory / f"{name}.crt").read_bytes())
+
+
+def loader_conf(recipe: Recipe) -> bytes:
+    """systemd-boot's loader.conf: boot the one UKI, no menu, no editing of the command line."""
+    return (
+        f"timeout {recipe.loader_timeout}\n"
+        f"default {recipe.uki_filename}\n"
+        "editor no\n"
+    ).encode()
+
+
+def esp_files(ctx: _Context) -> dict[str, bytes]:
+    return {
+        ESP_BOOTLOADER: ctx.outputs["BOOTX64.EFI"].read_bytes(),
+        f"EFI/Linux/{ctx.recipe.uki_filename}": ctx.outputs[ctx.recipe.uki_filename].read_bytes(),
+        "loader/loader.conf": loader_conf(ctx.recipe),
+    }
+
+
+def make_disk_stage(ctx: _Context) -> None:
+    recipe = ctx.recipe
+    layout = DiskLayout(
+        size_mib=recipe.disk.size_mib,
+        esp_size_mib=recipe.disk.esp_size_mib,
+        partitions=tuple(
+            DiskPartition(
+                name=p.name,
+                type_guid=uuid.UUID(p.type_guid),
+                size_mib=p.size_mib,
+                content=p.content.read_bytes() if p.content else None,
+            )
+            for p in recipe.disk.partitions
+        ),
+    )
+    path = ctx.stage / "disk.img"
+    make_disk(
+        path,
+        layout,
+        esp_files(ctx),
+        seed=bytes.fromhex(recipe.digest),
+        source_date_epoch=recipe.source_date_epoch,
+    )
+    ctx.outputs["disk.img"] = path
+
+
+def make_varstore_stage(ctx: _Context) -> None:
+    platform_ref = load_platform(ctx.recipe.platform)
+    template = _member(ctx.packages["ovmf"], platform_ref.machine.firmware_vars_template)
+    data = make_varstore(
+        template,
+        ctx.keyset,
+        extra_db=tuple(p.read_bytes() for p in ctx.recipe.extra_db),
+        dbx_sha256=tuple(bytes.fromhex(h) for h in ctx.recipe.dbx),
+        source_date_epoch=ctx.recipe.source_date_epoch,
+    )
+    _write(ctx, "ovmf-vars.fd", data)
+
+
+def predict_stage(ctx: _Context) -> None:
+    recipe = ctx.recipe
+    platform_ref = load_platform(recipe.platform)
+    measurements = predict(
+        platform=platform_ref,
+        chain=load_chain(platform_ref.chain),
+        bootloader=ctx.outputs["BOOTX64.EFI"].read_bytes(),
+        uki=ctx.outputs[recipe.uki_filename].read_bytes(),
+        uki_path_on_esp=f"\\EFI\\Linux\\{recipe.uki_filename}",
+        gpt_event_data=gpt_event_data(ctx.outputs["disk.img"]),
+        varstore=ctx.outputs["ovmf-vars.fd"].read_bytes(),
+        db_cert=ctx.keyset.db_cert,
+        loader_cmdline=recipe.cmdline,
+    )
+    path = ctx.stage / "measurements.json"
+    write_measurements(path, measurements)
+    ctx.outputs["measurements.json"] = path
+
+
+# --------------------------------------------------------------------------- build.json
+
+
+def _library_versions() -> dict[str, str]:
+    names = ("cryptography", "pefile", "asn1crypto", "virt-firmware", "zstandard", "jinja2",
+             "PyYAML")
+    out = {"bootchain": __version__, "python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _artifact_records(ctx: _Context) -> list[dict[str, Any]]:
+    records = []
+    for name in sorted(ctx.outputs):
+        path = ctx.outputs[name]
+        record: dict[str, Any] = {
+            "name": name,
+            "path": name,
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
+        if name.endswith(".efi") or name.endswith(".EFI"):
+            record["authenticode_sha256"] = authenticode_digest(path.read_bytes()).hex()
+        records.append(record)
+    return records
+
+
+def write_build_json(ctx: _Context) -> None:
+    """Record inputs, tools and artifacts. Written last: its presence means a whole build."""
+    recipe = ctx.recipe
+    inputs: list[dict[str, Any]] = [
+        {
+            "role": role,
+            "name": pin.name,
+            "version": pin.version,
+            "sha256": pin.sha256,
+            "source": f"debian:{pin.name}={pin.version}",
+        }
+        for role, pin in sorted(recipe.packages.items())
+    ]
+    root = recipe.path.parent
+    inputs += [
+        {"role": label, "path": path.relative_to(root).as_posix(), "sha256": sha256_file(path)}
+        for label, path in sorted(recipe.local_inputs.items())
+    ]
+    if recipe.probe:
+        inputs.append({"role": "initrd.probe", "path": "qemu/probe/probe.sh",
+                       "sha256": sha256_file(PROBE)})
+    db = ctx.keyset.db_cert
+    ctx.artifacts = _artifact_records(ctx)
+    doc = {
+        "schema": SCHEMA,
+        "name": recipe.name,
+        "version": recipe.version,
+        "recipe": {
+            "file": recipe.path.name,
+            "digest": recipe.digest,
+            "variables": dict(sorted(recipe.variables.items())),
+            "document": recipe.data,
+        },
+        "source_date_epoch": recipe.source_date_epoch,
+        "platform": recipe.platform,
+        "inputs": inputs,
+        "tools": _library_versions(),
+        "signer": {
+            "certificate_sha256": hashlib.sha256(db).hexdigest(),
+            "subject": ctx.keyset.db_subject,
+            "example_keys": ctx.keyset.example,
+            "keyset": dict(ctx.keyset.fingerprints),
+        },
+        "artifacts": ctx.artifacts,
+    }
+    text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+    write_atomic(ctx.stage / "build.json", text.encode())
+
+
+def _write(ctx: _Context, name: str, data: bytes) -> None:
+    path = ctx.stage / name
+    write_atomic(path, data)
+    ctx.outputs[name] = path
