@@ -1,0 +1,179 @@
+"""Fetch a release from a store, failing closed.
+
+The channel pointer and the manifest must verify against the trust file; the manifest
+envelope must hash to what the pointer names; every artifact byte is checked against its
+digest while streaming. A pointer older than the last one seen for the same store, name and
+channel is refused (rollback protection); the last seen (version, sequence) is kept in
+``$BOOTCHAIN_STATE`` or ``$XDG_STATE_HOME/bootchain`` (``~/.local/state/bootchain``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from builder.dsse import Trust
+from builder.errors import StoreError, VerificationError
+from builder.fsutil import write_atomic
+from builder.manifest import ChannelPointer, Manifest, ReleaseIndex, version_key
+from builder.store.base import (
+    Progress,
+    Store,
+    channel_key,
+    download_blob,
+    index_key,
+    manifest_key,
+)
+
+MANIFEST_FILE = "manifest.dsse.json"
+
+
+def state_dir() -> Path:
+    """Where fetch remembers the last channel pointers it saw."""
+    if os.environ.get("BOOTCHAIN_STATE"):
+        return Path(os.environ["BOOTCHAIN_STATE"])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "bootchain"
+
+
+class RollbackState:
+    """The last (version, sequence) seen per store URL, name and channel, in one JSON file."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.path = (directory or state_dir()) / "channels.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, dict[str, object]]]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.with_suffix(".lock").open("a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                seen = json.loads(self.path.read_bytes()) if self.path.exists() else {}
+                yield seen
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @staticmethod
+    def _slot(url: str, name: str, channel: str) -> str:
+        return f"{url}|{name}|{channel}"
+
+    def check(self, url: str, pointer: ChannelPointer) -> None:
+        """Raise VerificationError if ``pointer`` is older than the one seen before."""
+        with self._locked() as seen:
+            last = seen.get(self._slot(url, pointer.name, pointer.channel))
+        if last is None:
+            return
+        version, sequence = str(last["version"]), int(str(last["sequence"]))
+        older = pointer.sequence < sequence or version_key(pointer.version) < version_key(version)
+        replayed = pointer.sequence == sequence and pointer.version != version
+        if older or replayed:
+            raise VerificationError(
+                f"{url}: channel {pointer.channel} of {pointer.name} rolled back to "
+                f"{pointer.version} (sequence {pointer.sequence}); seen {version} "
+                f"(sequence {sequence}) before",
+                hint="the store is stale or under attack; do not use it",
+            )
+
+    def remember(self, url: str, pointer: ChannelPointer) -> None:
+        """Record ``pointer`` as the newest seen (never lowering what is recorded)."""
+        with self._locked() as seen:
+            slot = self._slot(url, pointer.name, pointer.channel)
+            last = seen.get(slot)
+            if last is not None and int(str(last["sequence"])) >= pointer.sequence:
+                return
+            seen[slot] = {"version": pointer.version, "sequence": pointer.sequence}
+            text = json.dumps(seen, indent=2, sort_keys=True) + "\n"
+            write_atomic(self.path, text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """What a fetch verified and wrote."""
+
+    manifest: Manifest
+    pointer: ChannelPointer
+    manifest_path: Path
+    artifacts: tuple[Path, ...]
+
+
+def fetch_pointer(store: Store, name: str, channel: str, trust: Trust) -> ChannelPointer:
+    """The verified channel pointer for ``name``/``channel``."""
+    key = channel_key(name, channel)
+    obj = store.get(key)
+    if obj is None:
+        raise StoreError(f"{store.url}/{key}: no channel {channel!r} for {name!r}")
+    pointer = ChannelPointer.verify(obj.data, trust)
+    if (pointer.name, pointer.channel) != (name, channel):
+        raise VerificationError(
+            f"{store.url}/{key}: signed pointer is for {pointer.name}/{pointer.channel}"
+        )
+    return pointer
+
+
+def fetch_manifest(
+    store: Store, name: str, version: str, trust: Trust, manifest_sha256: str | None
+) -> tuple[Manifest, bytes]:
+    """The verified manifest of a release and its envelope bytes."""
+    key = manifest_key(name, version)
+    obj = store.get(key)
+    if obj is None:
+        raise StoreError(f"{store.url}/{key}: no such release")
+    manifest = Manifest.verify(obj.data, trust)
+    got = hashlib.sha256(obj.data).hexdigest()
+    if manifest_sha256 is not None and got != manifest_sha256:
+        raise VerificationError(
+            f"{store.url}/{key}: envelope sha256 {got}, channel pointer says {manifest_sha256}"
+        )
+    if (manifest.name, manifest.version) != (name, version):
+        raise VerificationError(
+            f"{store.url}/{key}: signed manifest is for {manifest.name} {manifest.version}"
+        )
+    return manifest, obj.data
+
+
+def fetch_index(store: Store, name: str, trust: Trust) -> ReleaseIndex:
+    """The verified release index of ``name``."""
+    key = index_key(name)
+    obj = store.get(key)
+    if obj is None:
+        raise StoreError(f"{store.url}/{key}: no releases of {name!r}")
+    index = ReleaseIndex.verify(obj.data, trust)
+    if index.name != name:
+        raise VerificationError(f"{store.url}/{key}: signed index is for {index.name}")
+    return index
+
+
+def fetch(
+    store: Store,
+    name: str,
+    channel: str,
+    trust: Trust,
+    out: Path,
+    *,
+    artifacts: bool = False,
+    state: RollbackState | None = None,
+    progress: Progress | None = None,
+) -> FetchResult:
+    """Verify and download the release ``channel`` points to into ``out``."""
+    state = state if state is not None else RollbackState()
+    pointer = fetch_pointer(store, name, channel, trust)
+    state.check(store.url, pointer)
+    manifest, envelope = fetch_manifest(
+        store, name, pointer.version, trust, pointer.manifest_sha256
+    )
+    written: list[Path] = []
+    if artifacts:
+        for art in manifest.artifacts:
+            dest = out / art.name
+            download_blob(store, art.sha256, art.size, dest, progress)
+            written.append(dest)
+    manifest_path = out / MANIFEST_FILE
+    write_atomic(manifest_path, envelope)
+    state.remember(store.url, pointer)
+    return FetchResult(manifest, pointer, manifest_path, tuple(written))
