@@ -123,9 +123,7 @@ class VariableData:
 
     def __bytes__(self) -> bytes:
         name = self.name.encode("utf-16-le")
-        return (
-            self.guid + struct.pack("<QQ", len(name) // 2, len(self.data)) + name + self.data
-        )
+        return self.guid + struct.pack("<QQ", len(name) // 2, len(self.data)) + name + self.data
 
 
 # --- TCG_PCClientTaggedEvent ----------------------------------------------------------
@@ -181,7 +179,9 @@ class FirmwareBlob:
         return cls(blob_base, length, description)
 
     def __bytes__(self) -> bytes:
-        head = b"" if self.description is None else bytes([len(self.description)]) + self.description
+        head = (
+            b"" if self.description is None else bytes([len(self.description)]) + self.description
+        )
         return head + struct.pack("<QQ", self.base, self.length)
 
 

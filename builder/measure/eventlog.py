@@ -144,8 +144,8 @@ class SpecIdEvent:
     vendor_info: bytes = b""
 
     @classmethod
-    def parse(cls, raw: bytes, base: int = 0) -> SpecIdEvent:
-        r = Reader(raw, "Spec ID event", base)
+    def parse(cls, raw: bytes, base: int = 0, source: str = "event log") -> SpecIdEvent:
+        r = Reader(raw, f"{source}: Spec ID event", base)
         if r.take(16, "signature") != SPEC_ID_SIGNATURE:
             raise r.fail("signature is not 'Spec ID Event03'", 0)
         platform_class = r.u32("platformClass")
@@ -295,8 +295,7 @@ class EventLog:
         (hsize,) = struct.unpack_from("<I", data, 28)
         if etype != EV_NO_ACTION:
             raise InputFileError(
-                f"{source}: header event at offset 0 is {event_type_name(etype)}, "
-                "not EV_NO_ACTION",
+                f"{source}: header event at offset 0 is {event_type_name(etype)}, not EV_NO_ACTION",
                 hint="only crypto-agile (TCG2) logs are supported",
             )
         if hsize > size - 32:
@@ -305,16 +304,18 @@ class EventLog:
                 f"{size - 32} left"
             )
         header_data = data[32 : 32 + hsize]
-        spec = SpecIdEvent.parse(header_data, 32)
+        spec = SpecIdEvent.parse(header_data, 32, source)
         sizes = dict(spec.algorithms)
         max_count = len(sizes)
         events: list[Event] = []
         pos = 32 + hsize
         unpack = struct.unpack_from
         while pos < size:
-            rest = data[pos:]
-            if rest.count(0) == len(rest) or rest.count(0xFF) == len(rest):
-                return cls(spec, tuple(events), pcr, header_digest, header_data, rest)
+            lead = data[pos : pos + 8]
+            if lead in (bytes(len(lead)), b"\xff" * len(lead)):
+                rest = data[pos:]
+                if rest.count(lead[0]) == len(rest):
+                    return cls(spec, tuple(events), pcr, header_digest, header_data, rest)
             start = pos
             if size - pos < 12:
                 raise InputFileError(f"{source}: truncated event header at offset {start}")
