@@ -24,6 +24,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from builder import __version__
 from builder.disk import DiskLayout, gpt_event_data, make_disk
 from builder.disk import Partition as DiskPartition
@@ -90,8 +92,7 @@ def build(
     say("load recipe")
     recipe = load_recipe(recipe_path, variables)
     keyset = load_keys(recipe, keys)
-    signer = open_signer(signer_spec or f"file:{keyset.directory / 'db.key'}",
-                         keyset.directory / "db.crt")
+    signer = open_signer(signer_spec or f"file:{keyset.paths['db'].key}", keyset.paths["db"].crt)
     check_signer(signer, keyset)
     outdir = out_root / recipe.name / recipe.version
     with staging_dir(outdir) as stage:
@@ -124,7 +125,7 @@ def load_keys(recipe: Recipe, override: Path | None) -> KeySet:
 
 def check_signer(signer: Signer, keyset: KeySet) -> None:
     """The signer must sign with the key set's db certificate, or nothing would boot."""
-    if signer.certificate != keyset.db_cert:
+    if signer.certificate != keyset.db:
         raise UserInputError(
             f"signer {signer.description} does not hold the db certificate of key set "
             f"{keyset.directory}",
@@ -132,18 +133,37 @@ def check_signer(signer: Signer, keyset: KeySet) -> None:
         )
 
 
+# The parts of each package a build reads; the rest is never decompressed.
+PACKAGE_PARTS: dict[str, tuple[str, ...]] = {
+    "kernel": ("boot/vmlinuz-", "lib/modules/"),
+    "systemd-boot": ("usr/lib/systemd/boot/efi/",),
+    "busybox": ("bin/busybox",),
+    "ovmf": ("usr/share/OVMF/",),
+}
+
+
 def fetch_inputs(ctx: _Context) -> None:
     """Download (or take from the cache) every pinned package and unpack it in memory."""
     for role, pin in sorted(ctx.recipe.packages.items()):
         path = fetch_package(pin, offline=ctx.offline)
-        ctx.packages[role] = read_deb(path)
+        ctx.packages[role] = read_deb(path, pin, select=_starts_with(PACKAGE_PARTS[role]))
+
+
+def _starts_with(prefixes: tuple[str, ...]) -> Callable[[str], bool]:
+    def select(path: str) -> bool:
+        return path.startswith(prefixes)
+
+    return select
 
 
 def kernel_release(kernel: DebPackage) -> str:
     """The release string of the one kernel in the package (``6.1.0-56-amd64``)."""
     releases = sorted(
-        {p.split("/")[3] for p in kernel.members if p.startswith("lib/modules/") and
-         p.count("/") >= 4}
+        {
+            p.split("/")[3]
+            for p in kernel.members
+            if p.startswith("lib/modules/") and p.count("/") >= 4
+        }
     )
     if len(releases) != 1:
         raise InputFileError(
@@ -154,10 +174,10 @@ def kernel_release(kernel: DebPackage) -> str:
 
 
 def _member(package: DebPackage, path: str) -> bytes:
-    data = package.members.get(path)
-    if data is None:
-        raise InputFileError(f"package {package.name} {package.version} has no {path}")
-    return data
+    member = package.members.get(path)
+    if member is None or member.kind != "file":
+        raise InputFileError(f"package {package.name} {package.version} has no file {path}")
+    return member.data
 
 
 def make_initrd_stage(ctx: _Context) -> None:
@@ -179,8 +199,8 @@ def make_initrd_stage(ctx: _Context) -> None:
         extra.append(CpioEntry.file("bootchain/probe.sh", PROBE.read_bytes(), 0o755))
     kernel = ctx.packages["kernel"]
     data = make_initrd(
-        busybox=ctx.packages["busybox"],
-        kernel=kernel,
+        busybox_members=ctx.packages["busybox"].members,
+        kernel_members=kernel.members,
         kernel_release=kernel_release(kernel),
         modules=recipe.modules,
         init_script=init.encode(),
@@ -225,22 +245,20 @@ def sign_stage(ctx: _Context) -> None:
     """Authenticode-sign systemd-boot and the UKI with the db key."""
     loader = _member(ctx.packages["systemd-boot"], BOOTLOADER_PATH)
     if is_signed(loader):
-        raise InputFileError(f"{BOOTLOADER_PATH} from {ctx.packages['systemd-boot'].name} is "
-                             "already signed; bootchain signs it with your db key")
+        raise InputFileError(
+            f"{BOOTLOADER_PATH} from {ctx.packages['systemd-boot'].name} is "
+            "already signed; bootchain signs it with your db key"
+        )
     _write(ctx, "BOOTX64.EFI", sign_pe(loader, ctx.signer))
     uki = ctx.outputs[ctx.recipe.uki_filename]
     _write(ctx, ctx.recipe.uki_filename, sign_pe(uki.read_bytes(), ctx.signer))
     for name in ("PK", "KEK", "db"):
-        _write(ctx, f"keys/{name}.crt", (ctx.keyset.directory / f"{name}.crt").read_bytes())
+        _write(ctx, f"keys/{name}.crt", ctx.keyset.paths[name].crt.read_bytes())
 
 
 def loader_conf(recipe: Recipe) -> bytes:
     """systemd-boot's loader.conf: boot the one UKI, no menu, no editing of the command line."""
-    return (
-        f"timeout {recipe.loader_timeout}\n"
-        f"default {recipe.uki_filename}\n"
-        "editor no\n"
-    ).encode()
+    return (f"timeout {recipe.loader_timeout}\ndefault {recipe.uki_filename}\neditor no\n").encode()
 
 
 def esp_files(ctx: _Context) -> dict[str, bytes]:
@@ -301,7 +319,7 @@ def predict_stage(ctx: _Context) -> None:
         uki_path_on_esp=f"\\EFI\\Linux\\{recipe.uki_filename}",
         gpt_event_data=gpt_event_data(ctx.outputs["disk.img"]),
         varstore=ctx.outputs["ovmf-vars.fd"].read_bytes(),
-        db_cert=ctx.keyset.db_cert,
+        db_cert=ctx.keyset.db,
         loader_cmdline=recipe.cmdline,
     )
     path = ctx.stage / "measurements.json"
@@ -313,8 +331,15 @@ def predict_stage(ctx: _Context) -> None:
 
 
 def _library_versions() -> dict[str, str]:
-    names = ("cryptography", "pefile", "asn1crypto", "virt-firmware", "zstandard", "jinja2",
-             "PyYAML")
+    names = (
+        "cryptography",
+        "pefile",
+        "asn1crypto",
+        "virt-firmware",
+        "zstandard",
+        "jinja2",
+        "PyYAML",
+    )
     out = {"bootchain": __version__, "python": platform.python_version()}
     for name in names:
         try:
@@ -359,9 +384,10 @@ def write_build_json(ctx: _Context) -> None:
         for label, path in sorted(recipe.local_inputs.items())
     ]
     if recipe.probe:
-        inputs.append({"role": "initrd.probe", "path": "qemu/probe/probe.sh",
-                       "sha256": sha256_file(PROBE)})
-    db = ctx.keyset.db_cert
+        inputs.append(
+            {"role": "initrd.probe", "path": "qemu/probe/probe.sh", "sha256": sha256_file(PROBE)}
+        )
+    db = ctx.keyset.db
     ctx.artifacts = _artifact_records(ctx)
     doc = {
         "schema": SCHEMA,
@@ -379,7 +405,7 @@ def write_build_json(ctx: _Context) -> None:
         "tools": _library_versions(),
         "signer": {
             "certificate_sha256": hashlib.sha256(db).hexdigest(),
-            "subject": ctx.keyset.db_subject,
+            "subject": x509.load_der_x509_certificate(db).subject.rfc4514_string(),
             "example_keys": ctx.keyset.example,
             "keyset": dict(ctx.keyset.fingerprints),
         },

@@ -15,13 +15,14 @@ import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jinja2
 import jinja2.sandbox
 import yaml
 
 from builder.errors import RecipeError
+from builder.initrd import Compression
 from builder.inputs import PackagePin
 
 PACKAGE_ROLES = ("kernel", "systemd-boot", "busybox", "ovmf")
@@ -72,7 +73,7 @@ class Recipe:
     packages: Mapping[str, PackagePin]
     cmdline: str
     modules: tuple[str, ...]
-    compression: str
+    compression: Compression
     init_template: Path
     probe: bool
     initrd_files: tuple[InitrdFile, ...]
@@ -554,7 +555,7 @@ def _build(
         packages=packages,
         cmdline=cmdline,
         modules=modules,
-        compression=compression,
+        compression=cast(Compression, compression),
         init_template=initrd["init"],
         probe=initrd.get("probe", True),
         initrd_files=tuple(init_files),

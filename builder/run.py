@@ -46,7 +46,15 @@ TOOL_PACKAGES: dict[str, str] = {
 # Well-known places that are not on PATH.
 _EXTRA_LOCATIONS = {"systemd-measure": "/usr/lib/systemd/systemd-measure"}
 
-_ENV_ALLOW = ("PATH", "HOME", "TMPDIR", "SOFTHSM2_CONF", "XDG_CACHE_HOME")
+_ENV_ALLOW = (
+    "PATH",
+    "HOME",
+    "TMPDIR",
+    "SOFTHSM2_CONF",
+    "XDG_CACHE_HOME",
+    "BOOTCHAIN_CACHE",
+    "BOOTCHAIN_STATE",
+)
 
 DEFAULT_TIMEOUT = 600.0
 
@@ -111,7 +119,9 @@ def run(
     if check and proc.returncode != 0:
         tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
         detail = " / ".join(tail) if tail else "no output on stderr"
-        raise ToolError(f"{Path(args[0]).name} exited {proc.returncode}: {detail}; command: {cmdline}")
+        raise ToolError(
+            f"{Path(args[0]).name} exited {proc.returncode}: {detail}; command: {cmdline}"
+        )
     return proc
 
 

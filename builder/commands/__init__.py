@@ -7,4 +7,5 @@ Add a verb by adding its module name to ``MODULES`` (one per line, keep sorted).
 MODULES: tuple[str, ...] = (
     "build",
     "keys",
+    "repro",
 )

@@ -17,13 +17,26 @@ def register(subparsers: Any) -> None:
         "build", help="build a recipe into signed artifacts, a disk image and golden PCRs"
     )
     parser.add_argument("recipe", type=Path, help="recipes/<name>.yaml")
-    parser.add_argument("--set", dest="variables", action="append", default=[],
-                        metavar="NAME=VALUE", help="recipe variable (repeatable)")
-    parser.add_argument("--out", type=Path, default=Path("out"),
-                        help="output root; the build goes to OUT/<name>/<version>/")
+    parser.add_argument(
+        "--set",
+        dest="variables",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="recipe variable (repeatable)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out"),
+        help="output root; the build goes to OUT/<name>/<version>/",
+    )
     parser.add_argument("--keys", type=Path, help="key set folder (overrides the recipe's)")
-    parser.add_argument("--signer", metavar="SPEC",
-                        help="db signer: file:PATH or a pkcs11: URI (default: the key set's db.key)")
+    parser.add_argument(
+        "--signer",
+        metavar="SPEC",
+        help="db signer: file:PATH or a pkcs11: URI (default: the key set's db.key)",
+    )
     parser.add_argument("--offline", action="store_true", help="use the package cache only")
     parser.set_defaults(func=run_build)
 
@@ -49,6 +62,5 @@ def run_build(args: argparse.Namespace) -> int:
         )
     for record in result.artifacts:
         print(f"{record['sha256']}  {record['size']:>11}  {result.outdir / record['path']}")
-    print(f"built {result.recipe.name} {result.recipe.version} in {result.outdir}",
-          file=sys.stderr)
+    print(f"built {result.recipe.name} {result.recipe.version} in {result.outdir}", file=sys.stderr)
     return 0
