@@ -1,0 +1,257 @@
+"""Local folder store: layout, idempotent publish, conflicts, races, fail-closed fetch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fake_outdir import make_outdir, make_release_key
+
+from builder.dsse import Trust, load_trust
+from builder.errors import ConflictError, StoreError, VerificationError
+from builder.publish import publish
+from builder.store.base import blob_key, channel_key, index_key, manifest_key, open_store
+from builder.store.fetch import RollbackState, fetch, fetch_index
+from builder.store.local import LocalStore
+
+NAME = "debian-minimal"
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[LocalStore, object, Trust, RollbackState]:
+    key, trust_path = make_release_key(tmp_path / "keys")
+    return (
+        LocalStore(tmp_path / "store"),
+        key,
+        load_trust(trust_path),
+        RollbackState(tmp_path / "state"),
+    )
+
+
+def test_open_store_urls(tmp_path: Path) -> None:
+    assert isinstance(open_store(str(tmp_path)), LocalStore)
+    assert isinstance(open_store(f"file://{tmp_path}"), LocalStore)
+    with pytest.raises(Exception, match="unsupported store URL"):
+        open_store("ftp://x/y")
+
+
+def test_publish_lays_out_the_store_and_fetch_gets_identical_bytes(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    out = make_outdir(tmp_path / "out")
+    result = publish(out, store, key, "stable")
+    assert result.manifest_created and len(result.uploaded) == 5
+    assert (result.channel_version, result.channel_sequence) == ("1.0.0", 1)
+    root = store.root
+    assert (root / manifest_key(NAME, "1.0.0")).is_file()
+    assert (root / channel_key(NAME, "stable")).is_file()
+    assert (root / index_key(NAME)).is_file()
+    build = json.loads((out / "build.json").read_text())
+    for art in build["artifacts"]:
+        assert (root / blob_key(art["sha256"])).read_bytes() == (out / art["path"]).read_bytes()
+
+    got = fetch(store, NAME, "stable", trust, tmp_path / "got", artifacts=True, state=state)
+    assert got.manifest.version == "1.0.0"
+    for art in build["artifacts"]:
+        assert (tmp_path / "got" / art["name"]).read_bytes() == (out / art["path"]).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "got").iterdir()) == sorted(
+        [a["name"] for a in build["artifacts"]] + ["manifest.dsse.json"]
+    )
+
+
+def test_republishing_identical_content_is_a_no_op(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, _, _ = env
+    out = make_outdir(tmp_path / "out")
+    first = publish(out, store, key, "stable")
+    before = {p: p.read_bytes() for p in sorted(store.root.rglob("*")) if p.is_file()}
+    again = publish(out, store, key, "stable")
+    after = {p: p.read_bytes() for p in sorted(store.root.rglob("*")) if p.is_file()}
+    assert not again.manifest_created and again.uploaded == () and len(again.skipped) == 5
+    assert again.manifest_sha256 == first.manifest_sha256
+    assert again.channel_sequence == 1
+    assert before == after
+
+
+def test_same_version_different_content_is_a_conflict(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, _, _ = env
+    publish(make_outdir(tmp_path / "a"), store, key, "stable")
+    with pytest.raises(ConflictError, match="published already with a different manifest"):
+        publish(make_outdir(tmp_path / "b", salt="x"), store, key, "stable")
+
+
+def test_channel_never_moves_backwards(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    publish(make_outdir(tmp_path / "o", "1.0.1"), store, key, "stable")
+    old = publish(make_outdir(tmp_path / "o", "1.0.0"), store, key, "stable")
+    assert (old.channel_version, old.channel_sequence) == ("1.0.1", 1)
+    assert [r.version for r in fetch_index(store, NAME, trust).releases] == ["1.0.0", "1.0.1"]
+
+
+def test_racing_publishers_on_a_channel_end_on_the_highest_version(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    versions = [f"1.0.{i}" for i in range(8)]
+    outs = [make_outdir(tmp_path / "o", v) for v in versions]
+    errors: list[BaseException] = []
+
+    def run(out: Path) -> None:
+        try:
+            publish(out, store, key, "stable")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in reversed(outs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    got = fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+    assert got.pointer.version == "1.0.7"
+    index = fetch_index(store, NAME, trust)
+    assert [r.version for r in index.releases] == versions  # no update lost
+    assert index.sequence == 8
+
+
+def test_racing_publishers_on_one_version_exactly_one_wins(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, _, _ = env
+    outs = [make_outdir(tmp_path / f"p{i}", salt=str(i)) for i in range(4)]
+    results: list[object] = []
+    barrier = threading.Barrier(len(outs))
+
+    def run(out: Path) -> None:
+        barrier.wait()
+        try:
+            results.append(publish(out, store, key, "stable"))
+        except ConflictError as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    conflicts = [r for r in results if isinstance(r, ConflictError)]
+    assert len(conflicts) == len(outs) - 1
+    assert all("different manifest" in str(c) for c in conflicts)
+
+
+def _tamper_byte(path: Path, at: int | None = None) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2 if at is None else at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_fetch_refuses_untrusted_key(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, _, trust, state = env
+    stranger, _ = make_release_key(tmp_path / "stranger")
+    publish(make_outdir(tmp_path / "o"), store, stranger, "stable")
+    with pytest.raises(VerificationError, match="not signed by a trusted key"):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+    assert not (tmp_path / "got" / "manifest.dsse.json").exists()
+
+
+def test_fetch_refuses_a_manifest_with_one_changed_byte(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    publish(make_outdir(tmp_path / "o"), store, key, "stable")
+    _tamper_byte(store.root / manifest_key(NAME, "1.0.0"), at=120)
+    with pytest.raises(VerificationError):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+    assert not (tmp_path / "got").exists() or not any((tmp_path / "got").iterdir())
+
+
+@pytest.mark.parametrize("damage", ["one-changed-byte", "truncated", "one-extra-byte"])
+def test_fetch_refuses_a_damaged_blob_and_leaves_nothing(env, tmp_path: Path, damage: str) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    out = make_outdir(tmp_path / "o")
+    publish(out, store, key, "stable")
+    digest = hashlib.sha256((out / "disk.img").read_bytes()).hexdigest()
+    blob = store.root / blob_key(digest)
+    data = blob.read_bytes()
+    blob.write_bytes(
+        {
+            "one-changed-byte": lambda: data[:100] + bytes([data[100] ^ 1]) + data[101:],
+            "truncated": lambda: data[: len(data) // 2],
+            "one-extra-byte": lambda: data + b"\0",
+        }[damage]()
+    )
+    got = tmp_path / "got"
+    with pytest.raises(VerificationError, match="disk.img|blobs/sha256"):
+        fetch(store, NAME, "stable", trust, got, artifacts=True, state=state)
+    assert not (got / "disk.img").exists()
+    assert not (got / "manifest.dsse.json").exists()
+    assert [p.name for p in got.iterdir() if p.name.startswith(".")] == []
+
+
+def test_fetch_refuses_a_rolled_back_channel_pointer(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    publish(make_outdir(tmp_path / "o", "1.0.0"), store, key, "stable")
+    pointer = store.root / channel_key(NAME, "stable")
+    old_pointer = pointer.read_bytes()
+    fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+    publish(make_outdir(tmp_path / "o", "1.0.1"), store, key, "stable")
+    assert fetch(store, NAME, "stable", trust, tmp_path / "got", state=state).pointer.sequence == 2
+    pointer.write_bytes(old_pointer)  # an attacker (or a stale mirror) serves the old pointer
+    with pytest.raises(VerificationError, match="rolled back to 1.0.0"):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+    # another store URL is tracked separately
+    fetch(store, NAME, "stable", trust, tmp_path / "got", state=RollbackState(tmp_path / "s2"))
+
+
+def test_fetch_refuses_a_pointer_for_another_channel(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    publish(make_outdir(tmp_path / "o", "1.0.0"), store, key, "testing")
+    testing = (store.root / channel_key(NAME, "testing")).read_bytes()
+    (store.root / channel_key(NAME, "stable")).write_bytes(testing)
+    with pytest.raises(VerificationError, match="pointer is for debian-minimal/testing"):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+
+
+def test_fetch_of_a_missing_channel_is_a_store_error(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, _, trust, state = env
+    with pytest.raises(StoreError, match="no channel"):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+
+
+def test_crash_mid_blob_leaves_nothing_and_rerun_completes(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    out = make_outdir(tmp_path / "o", big=3 << 20)
+
+    class Crash(Exception):
+        pass
+
+    seen = [0]
+
+    def crash(n: int) -> None:
+        seen[0] += n
+        if seen[0] > 2 << 20:
+            raise Crash
+
+    with pytest.raises(Crash):
+        publish(out, store, key, "stable", progress=crash)
+    assert not (store.root / "releases").exists()
+    assert not (store.root / "channels").exists()
+    assert [p for p in store.root.rglob(".*.tmp")] == []
+    publish(out, store, key, "stable")
+    got = fetch(store, NAME, "stable", trust, tmp_path / "got", artifacts=True, state=state)
+    assert (tmp_path / "got" / "disk.img").read_bytes() == (out / "disk.img").read_bytes()
+    assert got.pointer.version == "1.0.0"
+
+
+def test_local_create_is_exclusive_and_replace_is_compare_and_swap(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    etag = store.create("x/a", b"one")
+    with pytest.raises(ConflictError, match="exists already"):
+        store.create("x/a", b"two")
+    new = store.replace("x/a", b"two", etag)
+    with pytest.raises(ConflictError, match="changed under us"):
+        store.replace("x/a", b"three", etag)
+    obj = store.get("x/a")
+    assert obj is not None and (obj.data, obj.etag) == (b"two", new)
+    with pytest.raises(StoreError, match="unsafe"):
+        store.get("../etc/passwd")
