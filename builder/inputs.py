@@ -27,7 +27,14 @@ from typing import IO, Any, Literal
 
 import yaml
 
-from builder.errors import InputFileError, PinError, RecipeError, UserInputError, VerificationError
+from builder.errors import (
+    InputFileError,
+    PinError,
+    RecipeError,
+    ToolError,
+    UserInputError,
+    VerificationError,
+)
 from builder.fsutil import sha256_file, write_atomic
 from builder.run import run
 
@@ -580,9 +587,8 @@ def make_lock(
     for role, pin in sorted(pins.items()):
         deb = fetch_package(pin, offline=offline)
         uri = ""
-        with contextlib.suppress(PinError, UserInputError):
-            if not offline:
-                uri = apt_origin(pin.name, pin.version).uri
+        with contextlib.suppress(UserInputError, ToolError):  # apt's lists are local
+            uri = apt_origin(pin.name, pin.version).uri
         packages.append(
             LockedPackage(
                 role=role,

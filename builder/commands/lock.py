@@ -1,0 +1,69 @@
+"""``bootchain lock RECIPE``: fetch and verify every pinned input and write the lock file.
+
+With ``--update`` the pins are first moved to what apt's mirror has now (the kernel also to the
+newest ABI) and rewritten in the recipe source where they are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from builder.errors import UserInputError
+from builder.fsutil import write_atomic
+from builder.inputs import lock_path, make_lock, update_pins
+
+
+def _variables(items: list[str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserInputError(f"--set {item!r}: expected KEY=VALUE")
+        found[key] = value
+    return found
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "lock",
+        help="fetch and verify pinned inputs; write recipes/<recipe>.lock.json",
+        description=__doc__,
+    )
+    parser.add_argument("recipe", type=Path, help="the recipe file")
+    parser.add_argument("--set", dest="variables", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--update", action="store_true", help="re-pin to the mirror's current versions first"
+    )
+    parser.add_argument("--offline", action="store_true", help="use the cache only")
+    parser.set_defaults(func=handle)
+
+
+def handle(args: argparse.Namespace) -> int:
+    from builder.recipe import load_recipe
+
+    if args.update and args.offline:
+        raise UserInputError("--update needs the mirror: drop --offline")
+    variables = _variables(args.variables)
+    recipe = load_recipe(args.recipe, variables)
+    if args.update:
+        changes = update_pins(recipe.files, recipe.packages)
+        for change in changes:
+            print(change)
+        if not changes:
+            print("all pins are current")
+        recipe = load_recipe(args.recipe, variables)
+    base = args.recipe.resolve().parent
+    files = {_relative(p, base): p for p in recipe.files}
+    files.update({_relative(p, base): p for p in recipe.local_inputs.values()})
+    lock = make_lock(recipe.packages, files, offline=args.offline)
+    target = lock_path(args.recipe)
+    write_atomic(target, lock.to_json())
+    print(f"wrote {target}")
+    return 0
+
+
+def _relative(path: Path, base: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), base)).as_posix()
