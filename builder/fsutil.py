@@ -43,14 +43,19 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 def staging_dir(final: Path) -> Iterator[Path]:
     """A fresh folder beside ``final`` that replaces it only if the block succeeds.
 
-    On any exception the staging folder is removed and ``final`` is left as it was.
+    On any exception the staging folder, and any parent folder made for it, is removed and
+    ``final`` is left as it was.
     """
+    created = [p for p in (final.parent, *final.parent.parents) if not p.exists()]
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".partial"))
     try:
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        for parent in created:  # deepest first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
         raise
     if final.exists():
         old = final.with_name(f".{final.name}.old")

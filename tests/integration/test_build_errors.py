@@ -1,0 +1,159 @@
+"""Bad inputs to `bootchain build`: one line naming what and where, a non-zero exit, no
+traceback, and nothing left in the output folder. Runs the real CLI against real apt and a real
+(temporary) package cache; fake packages are real .deb files built here."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from builder.inputs import ArMember, cache_path, make_ar
+from builder.recipe import load_recipe
+from tests.conftest import RECIPES, bootchain
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _tar(files: Mapping[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in sorted(files.items()):
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def make_deb(package: str, version: str, files: Mapping[str, bytes]) -> bytes:
+    control = f"Package: {package}\nVersion: {version}\nArchitecture: amd64\n".encode()
+    return make_ar(
+        [
+            ArMember("debian-binary", b"2.0\n"),
+            ArMember("control.tar.gz", _tar({"control": control})),
+            ArMember("data.tar.gz", _tar(files)),
+        ]
+    )
+
+
+def assert_one_line_failure(proc: object, out: Path, pattern: str) -> None:
+    import re
+    import subprocess
+
+    assert isinstance(proc, subprocess.CompletedProcess)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("bootchain: error:")]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert re.search(pattern, errors[0]), errors[0]
+    assert not out.exists() or not any(out.iterdir()), sorted(out.rglob("*"))
+
+
+@pytest.fixture
+def recipe_copy(tmp_path: Path) -> Path:
+    dest = tmp_path / "recipes"
+    shutil.copytree(RECIPES, dest)
+    return dest / "debian-minimal.yaml"
+
+
+def _repin(recipe: Path, role: str, *, name: str, version: str, sha256: str) -> None:
+    pins = load_recipe(recipe).packages
+    old = pins[role]
+    text = recipe.read_text()
+    text = text.replace(old.sha256, sha256).replace(f"name: {old.name}", f"name: {name}")
+    text = text.replace(f"version: {old.version}", f"version: {version}")
+    text = text.replace(f'version: "{old.version}"', f'version: "{version}"')
+    recipe.write_text(text)
+
+
+@pytest.mark.network
+def test_wrong_package_sha256(recipe_copy: Path, tmp_path: Path) -> None:
+    busybox = load_recipe(recipe_copy).packages["busybox"]
+    _repin(recipe_copy, "busybox", name=busybox.name, version=busybox.version, sha256="0" * 64)
+    out = tmp_path / "out"
+    env = {**os.environ, "BOOTCHAIN_CACHE": str(tmp_path / "cache")}
+    proc = bootchain("build", recipe_copy, "--out", out, check=False, env=env)
+    assert_one_line_failure(proc, out, r"busybox-static.*sha256.*0{64}|0{64}.*busybox-static")
+
+
+@pytest.mark.network
+def test_package_apt_cannot_find(recipe_copy: Path, tmp_path: Path) -> None:
+    _repin(recipe_copy, "busybox", name="bootchain-no-such-package", version="1.0", sha256="1" * 64)
+    out = tmp_path / "out"
+    env = {**os.environ, "BOOTCHAIN_CACHE": str(tmp_path / "cache")}
+    proc = bootchain("build", recipe_copy, "--out", out, check=False, env=env)
+    assert_one_line_failure(proc, out, r"bootchain-no-such-package")
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, default_build: Path) -> Path:
+    """A cache holding the default recipe's real packages (the default build fetched them)."""
+    cache = tmp_path / "cache"
+    (cache / "sha256").mkdir(parents=True)
+    for pin in load_recipe(RECIPES / "debian-minimal.yaml").packages.values():
+        os.link(cache_path(pin.sha256), cache / "sha256" / pin.sha256)
+    return cache
+
+
+def _fake_package(recipe: Path, cache: Path, role: str, files: Mapping[str, bytes]) -> None:
+    import hashlib
+
+    pin = load_recipe(recipe).packages[role]
+    deb = make_deb(pin.name, pin.version, files)
+    digest = hashlib.sha256(deb).hexdigest()
+    (cache / "sha256" / digest).write_bytes(deb)
+    _repin(recipe, role, name=pin.name, version=pin.version, sha256=digest)
+
+
+def test_already_signed_stub(
+    recipe_copy: Path, private_cache: Path, default_build: Path, tmp_path: Path
+) -> None:
+    # The signed UKI of the default build is a signed PE standing in for a signed stub.
+    signed = (default_build / "BOOTX64.EFI").read_bytes()
+    files = {
+        "usr/lib/systemd/boot/efi/linuxx64.efi.stub": signed,
+        "usr/lib/systemd/boot/efi/systemd-bootx64.efi": signed,
+    }
+    _fake_package(recipe_copy, private_cache, "systemd-boot", files)
+    out = tmp_path / "out"
+    env = {**os.environ, "BOOTCHAIN_CACHE": str(private_cache)}
+    proc = bootchain("build", recipe_copy, "--out", out, "--offline", check=False, env=env)
+    assert_one_line_failure(proc, out, r"(?i)already signed|signed stub")
+
+
+def test_kernel_that_is_not_a_pe_file(
+    recipe_copy: Path, private_cache: Path, tmp_path: Path
+) -> None:
+    release = "6.1.0-56-amd64"
+    files = {
+        f"boot/vmlinuz-{release}": b"\x7fELF this is not a PE image" + bytes(64),
+        f"lib/modules/{release}/modules.builtin": b"",
+    }
+    recipe_copy.write_text(recipe_copy.read_text().replace("modules: [efivarfs]", "modules: []"))
+    _fake_package(recipe_copy, private_cache, "kernel", files)
+    out = tmp_path / "out"
+    env = {**os.environ, "BOOTCHAIN_CACHE": str(private_cache)}
+    proc = bootchain("build", recipe_copy, "--out", out, "--offline", check=False, env=env)
+    assert_one_line_failure(proc, out, r"(?i)\.linux|PE|MZ")
+
+
+def test_offline_without_cache(recipe_copy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**os.environ, "BOOTCHAIN_CACHE": str(tmp_path / "empty-cache")}
+    proc = bootchain("build", recipe_copy, "--out", out, "--offline", check=False, env=env)
+    assert_one_line_failure(proc, out, r"(?i)offline|cache")
+
+
+def test_bad_recipe_through_the_cli(recipe_copy: Path, tmp_path: Path) -> None:
+    recipe_copy.write_text(recipe_copy.read_text() + "colour: blue\n")
+    out = tmp_path / "out"
+    proc = bootchain("build", recipe_copy, "--out", out, check=False)
+    assert_one_line_failure(proc, out, r"debian-minimal\.yaml:\d+: colour: unknown key")
+    assert proc.returncode == 2
