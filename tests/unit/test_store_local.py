@@ -86,7 +86,7 @@ def test_same_version_different_content_is_a_conflict(env, tmp_path: Path) -> No
 
 
 def test_channel_never_moves_backwards(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    store, key, trust, state = env
+    store, key, trust, _ = env
     publish(make_outdir(tmp_path / "o", "1.0.1"), store, key, "stable")
     old = publish(make_outdir(tmp_path / "o", "1.0.0"), store, key, "stable")
     assert (old.channel_version, old.channel_sequence) == ("1.0.1", 1)
@@ -181,7 +181,7 @@ def test_fetch_refuses_a_damaged_blob_and_leaves_nothing(env, tmp_path: Path, da
         }[damage]()
     )
     got = tmp_path / "got"
-    with pytest.raises(VerificationError, match="disk.img|blobs/sha256"):
+    with pytest.raises(VerificationError, match=r"blobs/sha256/[0-9a-f]{64}"):
         fetch(store, NAME, "stable", trust, got, artifacts=True, state=state)
     assert not (got / "disk.img").exists()
     assert not (got / "manifest.dsse.json").exists()
@@ -197,7 +197,7 @@ def test_fetch_refuses_a_rolled_back_channel_pointer(env, tmp_path: Path) -> Non
     publish(make_outdir(tmp_path / "o", "1.0.1"), store, key, "stable")
     assert fetch(store, NAME, "stable", trust, tmp_path / "got", state=state).pointer.sequence == 2
     pointer.write_bytes(old_pointer)  # an attacker (or a stale mirror) serves the old pointer
-    with pytest.raises(VerificationError, match="rolled back to 1.0.0"):
+    with pytest.raises(VerificationError, match=r"rolled back to 1\.0\.0"):
         fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
     # another store URL is tracked separately
     fetch(store, NAME, "stable", trust, tmp_path / "got", state=RollbackState(tmp_path / "s2"))
