@@ -7,5 +7,6 @@ Add a verb by adding its module name to ``MODULES`` (one per line, keep sorted).
 MODULES: tuple[str, ...] = (
     "build",
     "keys",
+    "lock",
     "repro",
 )
