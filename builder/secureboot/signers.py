@@ -194,7 +194,10 @@ def _uri_attrs(text: str, sep: str, uri: str) -> dict[str, str]:
 
 
 class PKCS11Signer:
-    """An RSA private key on a PKCS#11 token, signing with CKM_SHA256_RSA_PKCS."""
+    """An RSA private key on a PKCS#11 token, signing with CKM_SHA256_RSA_PKCS.
+
+    Holds a logged-in session until ``close()`` (or the end of a ``with`` block).
+    """
 
     def __init__(
         self,
@@ -230,10 +233,24 @@ class PKCS11Signer:
             ) from None
         try:
             self._session = token.open(user_pin=pin)
+        except pkcs11.UserAlreadyLoggedIn:
+            # Login state is per process and token: another open session of ours holds it.
+            self._session = token.open()
         except (pkcs11.PinIncorrect, pkcs11.PinLenRange):
             raise InputFileError(f"wrong PIN for PKCS#11 token {token_label!r}") from None
         except pkcs11.PinLocked:
             raise InputFileError(f"PIN of PKCS#11 token {token_label!r} is locked") from None
+        try:
+            self._key = self._find_key(token_label, key_label)
+            modulus = int.from_bytes(self._key[Attribute.MODULUS], "big")
+            exponent = int.from_bytes(self._key[Attribute.PUBLIC_EXPONENT], "big")
+            _check_rsa_match(self._where, cert, cert_path, modulus, exponent)
+        except BaseException:
+            self._session.close()
+            raise
+        self._cert_der = cert.public_bytes(serialization.Encoding.DER)
+
+    def _find_key(self, token_label: str, key_label: str) -> Any:
         try:
             key = self._session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=key_label)
         except pkcs11.NoSuchKey:
@@ -246,11 +263,13 @@ class PKCS11Signer:
             ) from None
         if not isinstance(key, pkcs11.SignMixin):
             raise InputFileError(f"PKCS#11 object {key_label!r} on {token_label!r} cannot sign")
-        self._key: pkcs11.SignMixin = key
-        modulus = int.from_bytes(key[Attribute.MODULUS], "big")
-        exponent = int.from_bytes(key[Attribute.PUBLIC_EXPONENT], "big")
-        _check_rsa_match(self._where, cert, cert_path, modulus, exponent)
-        self._cert_der = cert.public_bytes(serialization.Encoding.DER)
+        return key
+
+    def __enter__(self) -> PKCS11Signer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @classmethod
     def from_uri(cls, uri: str, cert_path: Path) -> PKCS11Signer:
@@ -273,7 +292,8 @@ class PKCS11Signer:
         return self._where
 
     def sign(self, data: bytes) -> bytes:
-        return bytes(self._key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS))
+        signature: bytes = self._key.sign(data, mechanism=Mechanism.SHA256_RSA_PKCS)
+        return bytes(signature)
 
     def close(self) -> None:
         """Close the token session."""
