@@ -37,6 +37,7 @@ from builder.measure.eventlog import (
 SCHEMA = "bootchain.platform/v1"
 PLATFORM_DIR = Path(__file__).resolve().parents[2] / "qemu" / "platforms"
 DEFAULT_PLATFORM = "ovmf-2022.11-q35-secboot"
+DEFAULT_CHAIN = "systemd252-linux61-secureboot"
 
 SECUREBOOT_VARIABLES = "secureboot_variables"
 BOOT_CHAIN = "boot_chain"
@@ -84,6 +85,7 @@ class Platform:
     log: tuple[Event | Placeholder, ...]
     digest: str = field(default="", compare=False)
     notes: str = ""
+    chain: str = "systemd252-linux61-secureboot"
 
     @property
     def events(self) -> tuple[Event, ...]:
@@ -107,6 +109,7 @@ class Platform:
             "schema": SCHEMA,
             "name": self.name,
             "identity": dict(self.identity),
+            "chain": self.chain,
         }
         if self.machine is not None:
             out["machine"] = self.machine.to_json()
@@ -144,6 +147,7 @@ def capture_platform(
     identity: Mapping[str, Any] | None = None,
     machine: Machine | None = None,
     notes: str = "",
+    chain: str | None = None,
 ) -> Platform:
     """A platform reference from a real firmware log of this platform.
 
@@ -183,7 +187,11 @@ def capture_platform(
     ident: dict[str, Any] = dict(identity or {})
     if secure_boot is not None:
         ident.setdefault("secure_boot", secure_boot)
-    return Platform(name, ident, machine, log.banks, boot_device_path, tuple(items), "", notes)
+    if chain is None:
+        chain = "systemd252-linux61-insecure" if secure_boot is False else DEFAULT_CHAIN
+    return Platform(
+        name, ident, machine, log.banks, boot_device_path, tuple(items), "", notes, chain
+    )
 
 
 def platform_path(name: str) -> Path:
@@ -241,6 +249,7 @@ def parse_platform(data: bytes, source: str) -> Platform:
         log=tuple(items),
         digest=hashlib.sha256(data).hexdigest(),
         notes=str(doc.get("notes", "")),
+        chain=str(doc.get("chain", DEFAULT_CHAIN)),
     )
 
 
