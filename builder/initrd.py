@@ -19,6 +19,7 @@ from builder.inputs import DebMember
 
 NEWC_MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
+BLOCK = 512
 
 EntryKind = Literal["file", "dir", "symlink", "chardev"]
 Compression = Literal["none", "gzip", "zstd"]
@@ -175,7 +176,12 @@ def normalize_entries(entries: Iterable[CpioEntry]) -> list[CpioEntry]:
 
 
 def make_cpio(entries: Iterable[CpioEntry], source_date_epoch: int = 0) -> bytes:
-    """A newc cpio archive of ``entries``; byte-identical for the same set of entries."""
+    """A newc cpio archive of ``entries``; byte-identical for the same set of entries.
+
+    The bytes equal what ``cpio -o -H newc --reproducible --owner=0:0`` (GNU cpio 2.13) writes
+    for the same tree listed in sorted order: inodes numbered from 0 in that order, device
+    numbers 0, the archive padded with zeros to a 512-byte block.
+    """
     ordered = normalize_entries(entries)
     subdirs: dict[str, int] = {}
     for entry in ordered:
@@ -183,7 +189,7 @@ def make_cpio(entries: Iterable[CpioEntry], source_date_epoch: int = 0) -> bytes
             parent = entry.path.rsplit("/", 1)[0]
             subdirs[parent] = subdirs.get(parent, 0) + 1
     out = bytearray()
-    for ino, entry in enumerate(ordered, start=1):
+    for ino, entry in enumerate(ordered):
         nlink = 2 + subdirs.get(entry.path, 0) if entry.kind == "dir" else 1
         content = entry.content
         name = entry.path.encode("utf-8")
@@ -195,6 +201,7 @@ def make_cpio(entries: Iterable[CpioEntry], source_date_epoch: int = 0) -> bytes
     name = TRAILER.encode("ascii")
     head = _header(0, 0, 1, 0, 0, (0, 0), name)
     out += head + name + b"\0" + b"\0" * _pad4(len(head) + len(name) + 1)
+    out += b"\0" * (-len(out) % BLOCK)
     return bytes(out)
 
 
