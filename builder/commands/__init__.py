@@ -6,7 +6,14 @@ Add a verb by adding its module name to ``MODULES`` (one per line, keep sorted).
 
 MODULES: tuple[str, ...] = (
     "build",
+    "eventlog",
+    "fetch",
+    "identify",
     "keys",
     "lock",
+    "platform",
+    "predict",
+    "publish",
     "repro",
+    "verify",
 )

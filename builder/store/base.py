@@ -88,6 +88,10 @@ class Store(abc.ABC):
     def iter_blob(self, digest: str) -> Iterator[bytes]:
         """The stored bytes of blob ``digest`` in chunks (StoreError when absent)."""
 
+    @abc.abstractmethod
+    def list_keys(self, prefix: str) -> list[str]:
+        """Sorted keys under ``prefix`` (a folder-like prefix ending in "/")."""
+
     def abort_dangling_uploads(self, key: str) -> int:
         """Abort unfinished uploads of ``key`` left by a crash; returns how many."""
         return 0

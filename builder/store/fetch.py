@@ -137,6 +137,16 @@ def fetch_manifest(
     return manifest, obj.data
 
 
+def list_names(store: Store) -> list[str]:
+    """Release names that have an index in ``store``."""
+    suffix = ".dsse.json"
+    return [
+        k.removeprefix("index/").removesuffix(suffix)
+        for k in store.list_keys("index/")
+        if k.endswith(suffix) and "/" not in k.removeprefix("index/")
+    ]
+
+
 def fetch_index(store: Store, name: str, trust: Trust) -> ReleaseIndex:
     """The verified release index of ``name``."""
     key = index_key(name)

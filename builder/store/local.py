@@ -88,6 +88,16 @@ class LocalStore(Store):
             write_atomic(self._path(key), data)
         return hashlib.sha256(data).hexdigest()
 
+    def list_keys(self, prefix: str) -> list[str]:
+        base = self._path(prefix.rstrip("/"))
+        if not base.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.root).as_posix()
+            for p in base.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
     def blob_size(self, digest: str) -> int | None:
         try:
             return self._path(blob_key(digest)).stat().st_size

@@ -162,6 +162,16 @@ class S3Store(Store):
     def replace(self, key: str, data: bytes, etag: str) -> str:
         return self._put(key, data, IfMatch=etag)
 
+    def list_keys(self, prefix: str) -> list[str]:
+        def listing() -> list[str]:
+            keys = []
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                keys += [o["Key"][len(self.prefix) :] for o in page.get("Contents", [])]
+            return sorted(keys)
+
+        return self._call("LIST", prefix, listing)
+
     def blob_size(self, digest: str) -> int | None:
         key = blob_key(digest)
 

@@ -10,14 +10,9 @@ import base64
 import hashlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fake_outdir import make_outdir, make_release_key
 
 from builder import dsse
 from builder.errors import InputFileError, VerificationError
@@ -31,6 +26,7 @@ from builder.manifest import (
     verify_envelope,
     version_key,
 )
+from tests.fake_outdir import make_outdir, make_release_key
 
 
 @pytest.fixture(scope="module")

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import threading
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from fake_outdir import make_outdir, make_release_key
 
 from builder.dsse import Trust, load_trust
 from builder.errors import ConflictError, StoreError, VerificationError
@@ -20,6 +15,7 @@ from builder.publish import publish
 from builder.store.base import blob_key, channel_key, index_key, manifest_key, open_store
 from builder.store.fetch import RollbackState, fetch, fetch_index
 from builder.store.local import LocalStore
+from tests.fake_outdir import make_outdir, make_release_key
 
 NAME = "debian-minimal"
 
