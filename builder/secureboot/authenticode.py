@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from asn1crypto import algos, cms, core, parser, x509
 from cryptography import x509 as cx509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -49,6 +49,16 @@ _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha384": hashes.SHA384,
     "sha512": hashes.SHA512,
 }
+# What asn1crypto and cryptography raise on structures that do not parse.
+_MALFORMED = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    UnsupportedAlgorithm,
+    cx509.InvalidVersion,
+)
 _RSA_SIGNATURE_ALGORITHMS = frozenset(
     {"rsassa_pkcs1v15", "sha1_rsa", "sha256_rsa", "sha384_rsa", "sha512_rsa"}
 )
@@ -331,7 +341,7 @@ def read_certificate_table(data: bytes, image: PEImage) -> list[tuple[int, bytes
 def _load_certificate(der: bytes, what: str) -> cx509.Certificate:
     try:
         return cx509.load_der_x509_certificate(der)
-    except ValueError as exc:
+    except (ValueError, cx509.InvalidVersion) as exc:
         raise VerificationError(f"{what} is not a DER X.509 certificate: {exc}") from exc
 
 
@@ -377,9 +387,24 @@ def _verify_entry(
     if len(signer_infos) != 1:
         raise VerificationError(f"{where}: {len(signer_infos)} SignerInfos, want 1")
     signer_info = signer_infos[0]
+    if signer_info["version"].native != "v1":
+        raise VerificationError(f"{where}: SignerInfo version {signer_info['version'].native}")
     algorithm = signer_info["digest_algorithm"]["algorithm"].native
     if algorithm not in _HASHES:
         raise VerificationError(f"{where}: unsupported signer digest {algorithm}")
+    listed = [a["algorithm"].native for a in signed["digest_algorithms"]]
+    if listed != [algorithm]:
+        raise VerificationError(f"{where}: digestAlgorithms {listed} do not match the signer's")
+    for identifier in (
+        *signed["digest_algorithms"],
+        signer_info["digest_algorithm"],
+        signer_info["signature_algorithm"],
+        content["message_digest"]["digest_algorithm"],
+    ):
+        if identifier["parameters"].native is not None:
+            raise VerificationError(f"{where}: unexpected algorithm parameters")
+    if signer_info["unsigned_attrs"]:
+        raise VerificationError(f"{where}: unexpected unauthenticated attributes")
     signed_attrs = signer_info["signed_attrs"]
     if not signed_attrs:
         raise VerificationError(f"{where}: no authenticated attributes")
@@ -430,7 +455,7 @@ def _verify_entry(
             return True
         try:
             certificate.verify_directly_issued_by(anchor)
-        except (ValueError, TypeError, InvalidSignature):
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
             continue
         return True
     return False
@@ -457,7 +482,7 @@ def verify_pe(data: bytes, certs: Sequence[bytes]) -> None:
     for offset, der in entries:
         try:
             ok = _verify_entry(data, offset, der, trusted) or ok
-        except (ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        except _MALFORMED as exc:
             raise VerificationError(f"signature at offset {offset:#x} is malformed: {exc}") from exc
     if not ok:
         subjects = "; ".join(c.subject.rfc4514_string() for c in trusted)
@@ -508,7 +533,12 @@ def load_certificates(data: bytes, source: str) -> list[bytes]:
         return [cx509.load_der_x509_certificate(data).public_bytes(Encoding.DER)]
     except ValueError:
         pass
-    certs = read_esl_certificates(data)
+    try:
+        certs = read_esl_certificates(data)
+    except InputFileError as exc:
+        raise InputFileError(
+            f"{source}: no certificate found: not PEM or DER, and not an .esl ({exc.message})"
+        ) from exc
     if not certs:
         raise InputFileError(
             f"{source}: no certificate found (not PEM, DER, or an .esl with X.509 entries)"
