@@ -227,7 +227,8 @@ def fuzz_target() -> tuple[bytes, bytes]:
 def test_corrupt_certificate_table_fails_closed(data: st.DataObject) -> None:
     signed, trusted = fuzz_target()
     image = parse_pe(signed)
-    start, end = image.cert_table_offset, len(signed)
+    # dwLength may legitimately grow into the zero padding: header fields are tested below
+    start, end = image.cert_table_offset + 8, len(signed)
     tampered = bytearray(signed)
     for _ in range(data.draw(st.integers(1, 4))):
         offset = data.draw(st.integers(start, end - 1))
@@ -236,6 +237,34 @@ def test_corrupt_certificate_table_fails_closed(data: st.DataObject) -> None:
         return
     with pytest.raises(VerificationError):
         verify_pe(bytes(tampered), [trusted])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("<I", 8, "length"),
+        ("<I", 0x100000, "length"),
+        ("<I", 100, "not DER|malformed"),
+        ("<H@4", 0x0100, "revision"),
+        ("<H@6", 0x0001, "revision"),
+    ],
+    ids=["length-header-only", "length-past-table", "length-short", "revision", "type"],
+)
+def test_win_certificate_header_fails_closed(
+    signed: bytes, db: KeyPair, field: str, value: int, match: str
+) -> None:
+    fmt, _, at = field.partition("@")
+    tampered = bytearray(signed)
+    struct.pack_into(fmt, tampered, parse_pe(signed).cert_table_offset + int(at or 0), value)
+    with pytest.raises(VerificationError, match=match):
+        verify_pe(bytes(tampered), [db.der])
+
+
+def test_length_covering_the_padding_is_accepted(signed: bytes, db: KeyPair) -> None:
+    image = parse_pe(signed)
+    tampered = bytearray(signed)
+    struct.pack_into("<I", tampered, image.cert_table_offset, image.cert_table_size)
+    verify_pe(bytes(tampered), [db.der])
 
 
 def test_truncated_certificate_table_fails_closed(signed: bytes, db: KeyPair) -> None:
