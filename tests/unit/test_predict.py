@@ -223,3 +223,34 @@ def test_bad_chain_profiles(doc: str, message: str) -> None:
 def test_gpt_data_roundtrip(log: el.EventLog) -> None:
     gpt = by_type(log, 5, el.EV_EFI_GPT_EVENT)[0].data
     assert bytes(GptData.parse(gpt)) == gpt
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        (".linux", ".osrel", ".cmdline", ".initrd"),
+        (".linux", ".cmdline"),
+        (".pcrpkey", ".dtb", ".splash", ".initrd", ".cmdline", ".osrel", ".linux"),
+    ],
+    ids=["default", "minimal", "all-reversed"],
+)
+def test_pcr11_equals_systemd_measure(tmp_path: Path, names: tuple[str, ...]) -> None:
+    """Oracle: systemd-measure 252 ``calculate --phase=`` (the value right after the stub)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("systemd-measure") or "/usr/lib/systemd/systemd-measure"
+    assert Path(tool).exists(), "systemd-measure missing: install systemd"
+    contents = {n: (n * 3 + "\n").encode() + bytes(range(256)) * (len(n)) for n in names}
+    argv = [tool, "calculate", "--phase=", "--json=short"]
+    for name, data in contents.items():
+        (tmp_path / name[1:]).write_bytes(data)
+        argv.append(f"--{name[1:]}={tmp_path / name[1:]}")
+    banks = ["sha1", "sha256", "sha384"]
+    argv += [f"--bank={b}" for b in banks]
+    oracle = json.loads(subprocess.run(argv, capture_output=True, check=True).stdout)
+    order = next(s for s in load_chain("systemd252-linux61-secureboot").steps if s.pcr == 11)
+    digests_by_name = {n: pr.digests_of(d, banks) for n, d in contents.items()}
+    events = pr.section_events(order.option("order"), digests_by_name, banks)
+    for bank in banks:
+        assert el.replay(events, bank)[11].hex() == oracle[bank][0]["hash"], bank
