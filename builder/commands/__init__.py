@@ -9,6 +9,7 @@ MODULES: tuple[str, ...] = (
     "eventlog",
     "fetch",
     "identify",
+    "inspect",
     "keys",
     "lock",
     "platform",
@@ -16,4 +17,5 @@ MODULES: tuple[str, ...] = (
     "publish",
     "repro",
     "verify",
+    "verify_pe",
 )
