@@ -8,7 +8,8 @@ and key give the same signed bytes. The signature goes into a WIN_CERTIFICATE (r
 0x0200, WIN_CERT_TYPE_PKCS_SIGNED_DATA) appended at an 8-byte aligned offset; the security
 directory entry and CheckSum are updated.
 
-Also here: a reader for certificates given as PEM, DER or an EFI signature list (.esl).
+Also here: ``load_certificates`` for trusted certificates given as PEM, DER or an EFI
+signature list (.esl, parsed with builder.secureboot.esl).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-import uuid
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from builder.errors import InputFileError, VerificationError
 from builder.pe import WIN_CERT_ALIGN, PEImage, authenticode_digest, parse_pe, pe_checksum
+from builder.secureboot import esl
 from builder.secureboot.signer import Signer
 
 SPC_INDIRECT_DATA_OBJID = "1.3.6.1.4.1.311.2.1.4"
@@ -40,8 +41,6 @@ OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 WIN_CERT_REVISION_2_0 = 0x0200
 WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
 WIN_CERTIFICATE_HEADER = 8
-
-EFI_CERT_X509_GUID = uuid.UUID("a5c059a1-94e4-4aa7-87b5-ab155c2bf072")
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "sha1": hashes.SHA1,
@@ -494,34 +493,6 @@ def verify_pe(data: bytes, certs: Sequence[bytes]) -> None:
 # --- certificates from files --------------------------------------------------------------
 
 
-def read_esl_certificates(data: bytes) -> list[bytes]:
-    """DER X.509 certificates from an EFI_SIGNATURE_LIST sequence (.esl); other types are
-    skipped. A reader only: ESL generation lives in builder.secureboot.keys."""
-    certs: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        if pos + 28 > len(data):
-            raise InputFileError(f"EFI signature list truncated at offset {pos:#x}")
-        sig_type = uuid.UUID(bytes_le=bytes(data[pos : pos + 16]))
-        list_size, header_size, sig_size = struct.unpack_from("<III", data, pos + 16)
-        body = pos + 28 + header_size
-        if list_size < 28 or pos + list_size > len(data) or body > pos + list_size:
-            raise InputFileError(
-                f"EFI signature list at offset {pos:#x}: ListSize {list_size} does not fit "
-                f"the file ({len(data)} bytes)"
-            )
-        if sig_size <= 16 or (pos + list_size - body) % sig_size:
-            raise InputFileError(
-                f"EFI signature list at offset {pos:#x}: SignatureSize {sig_size} does not "
-                "divide the list"
-            )
-        if sig_type == EFI_CERT_X509_GUID:
-            for entry in range(body, pos + list_size, sig_size):
-                certs.append(bytes(data[entry + 16 : entry + sig_size]))
-        pos += list_size
-    return certs
-
-
 def load_certificates(data: bytes, source: str) -> list[bytes]:
     """DER certificates from PEM (one or more), DER, or an .esl file's bytes."""
     if b"-----BEGIN CERTIFICATE-----" in data:
@@ -534,7 +505,7 @@ def load_certificates(data: bytes, source: str) -> list[bytes]:
     except ValueError:
         pass
     try:
-        certs = read_esl_certificates(data)
+        certs = [sig.data for sig in esl.SignatureDatabase.parse(data).certificates()]
     except InputFileError as exc:
         raise InputFileError(
             f"{source}: no certificate found: not PEM or DER, and not an .esl ({exc.message})"

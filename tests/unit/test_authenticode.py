@@ -24,13 +24,12 @@ from hypothesis import strategies as st
 from builder.errors import InputFileError, VerificationError
 from builder.pe import authenticode_digest, is_signed, parse_pe, pe_checksum
 from builder.secureboot.authenticode import (
-    EFI_CERT_X509_GUID,
     load_certificates,
-    read_esl_certificates,
     sign_pe,
     strip_signature,
     verify_pe,
 )
+from builder.secureboot.esl import EFI_CERT_X509_GUID
 from builder.secureboot.signer import Signer
 
 DATA = Path(__file__).parent.parent / "data" / "pe"
@@ -312,10 +311,9 @@ def _esl(certs: list[bytes], sig_type: uuid.UUID = EFI_CERT_X509_GUID) -> bytes:
     return out
 
 
-def test_esl_reader(db: KeyPair, ca: KeyPair) -> None:
+def test_esl_certificates_are_trusted(db: KeyPair, ca: KeyPair) -> None:
     sha256_list = uuid.UUID("c1c41626-504c-4092-aca9-41f936934328")
     esl = _esl([db.der, ca.der]) + _esl([hashlib.sha256(b"x").digest()], sha256_list)
-    assert read_esl_certificates(esl) == [db.der, ca.der]
     assert load_certificates(esl, "db.esl") == [db.der, ca.der]
 
 
@@ -323,14 +321,16 @@ def test_esl_reader(db: KeyPair, ca: KeyPair) -> None:
     ("blob", "match"),
     [
         (b"\x00" * 20, "truncated"),
-        (EFI_CERT_X509_GUID.bytes_le + struct.pack("<III", 1000, 0, 100), "ListSize"),
+        (EFI_CERT_X509_GUID.bytes_le + struct.pack("<III", 1000, 0, 100), "SignatureListSize"),
         (EFI_CERT_X509_GUID.bytes_le + struct.pack("<III", 28 + 33, 0, 17) + bytes(33), "divide"),
+        (_esl([b"not a certificate"]), "not an X.509"),
+        (_esl([hashlib.sha256(b"x").digest()], uuid.UUID(int=5)), "no certificate"),
     ],
-    ids=["truncated", "list-size-lies", "signature-size-lies"],
+    ids=["truncated", "list-size-lies", "signature-size-lies", "bad-cert", "no-x509-list"],
 )
-def test_esl_reader_fails_closed(blob: bytes, match: str) -> None:
+def test_bad_esl_fails_closed(blob: bytes, match: str) -> None:
     with pytest.raises(InputFileError, match=match):
-        read_esl_certificates(blob)
+        load_certificates(blob, "db.esl")
 
 
 def test_load_certificates_pem_and_der(db: KeyPair, ca: KeyPair) -> None:
