@@ -31,8 +31,6 @@ from builder.errors import (
     InputFileError,
     PinError,
     RecipeError,
-    ToolError,
-    UserInputError,
     VerificationError,
 )
 from builder.fsutil import sha256_file, write_atomic
@@ -119,7 +117,20 @@ def cache_put(source: Path) -> tuple[str, Path]:
 # apt
 
 
-_APT_OPTS = ("-q", "-o", "APT::Sandbox::User=root")
+def _apt_opts() -> list[str]:
+    """apt options: run as root without the _apt sandbox; keep apt's package cache in ours
+    (hosts that set Dir::Cache::pkgcache "" rebuild it on every call, ~2 s each)."""
+    apt = cache_dir() / "apt"
+    apt.mkdir(parents=True, exist_ok=True)
+    return [
+        "-q",
+        "-o",
+        "APT::Sandbox::User=root",
+        "-o",
+        f"Dir::Cache::pkgcache={apt / 'pkgcache.bin'}",
+        "-o",
+        f"Dir::Cache::srcpkgcache={apt / 'srcpkgcache.bin'}",
+    ]
 
 
 @dataclass(frozen=True)
@@ -134,7 +145,7 @@ class AptOrigin:
 
 def apt_versions(name: str) -> list[str]:
     """Versions of binary package ``name`` in apt's sources, apt's preference first."""
-    proc = run(["apt-cache", "madison", name], check=False, timeout=120)
+    proc = run(["apt-cache", *_apt_opts(), "madison", name], check=False, timeout=120)
     versions: list[str] = []
     for line in proc.stdout.decode("utf-8", "replace").splitlines():
         parts = [p.strip() for p in line.split("|")]
@@ -146,7 +157,7 @@ def apt_versions(name: str) -> list[str]:
 
 def apt_candidate(name: str) -> str:
     """The version apt would install for ``name`` (``apt-cache policy``'s Candidate)."""
-    proc = run(["apt-cache", "policy", name], check=False, timeout=120)
+    proc = run(["apt-cache", *_apt_opts(), "policy", name], check=False, timeout=120)
     for line in proc.stdout.decode("utf-8", "replace").splitlines():
         key, _, value = line.strip().partition(":")
         if key == "Candidate" and value.strip() and value.strip() != "(none)":
@@ -175,7 +186,7 @@ def _require_version(name: str, version: str) -> None:
 def apt_origin(name: str, version: str) -> AptOrigin:
     """URI, file name, size and sha256 of ``name=version`` from apt's index (no download)."""
     _require_version(name, version)
-    proc = run(["apt-get", *_APT_OPTS, "download", "--print-uris", f"{name}={version}"])
+    proc = run(["apt-get", *_apt_opts(), "download", "--print-uris", f"{name}={version}"])
     for line in proc.stdout.decode("utf-8", "replace").splitlines():
         parts = line.split()
         if len(parts) == 4 and parts[3].startswith("SHA256:"):
@@ -212,7 +223,7 @@ def _download_dir() -> Iterator[Path]:
 
 
 def _apt_download(name: str, version: str, dest: Path) -> Path:
-    run(["apt-get", *_APT_OPTS, "download", f"{name}={version}"], cwd=dest, timeout=1800)
+    run(["apt-get", *_apt_opts(), "download", f"{name}={version}"], cwd=dest, timeout=1800)
     debs = sorted(dest.glob("*.deb"))
     if len(debs) != 1:
         raise PinError(f"apt-get download {name}={version} left {len(debs)} .deb files")
@@ -399,8 +410,8 @@ def _open_compressed(name: str, blob: bytes, where: str) -> IO[bytes]:
 
 
 def _norm(path: str) -> str:
-    path = path.removeprefix("./").lstrip("/")
-    return path.rstrip("/")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return "/".join(parts)
 
 
 def read_tar_members(
@@ -578,16 +589,23 @@ def make_lock(
     files: Mapping[str, Path],
     *,
     offline: bool = False,
+    previous: Lock | None = None,
 ) -> Lock:
     """Fetch and verify every pin, hash every local file, and describe them as a Lock.
 
-    ``files`` maps the path as written relative to the recipe to the file on disk.
+    ``files`` maps the path as written relative to the recipe to the file on disk. Offline,
+    apt is not asked for URIs: they are kept from ``previous`` where the pin is unchanged.
     """
+    known = (
+        {(p.role, p.name, p.version, p.sha256): p.uri for p in previous.packages}
+        if previous
+        else {}
+    )
     packages = []
     for role, pin in sorted(pins.items()):
         deb = fetch_package(pin, offline=offline)
-        uri = ""
-        with contextlib.suppress(UserInputError, ToolError):  # apt's lists are local
+        uri = known.get((role, pin.name, pin.version, pin.sha256), "")
+        if not offline:
             uri = apt_origin(pin.name, pin.version).uri
         packages.append(
             LockedPackage(
@@ -673,7 +691,7 @@ def newest_kernel_name(name: str) -> str:
         return name
     base, _, flavour = match.groups()
     pattern = f"^linux-image-{re.escape(base)}-[0-9]+-{re.escape(flavour)}$"
-    proc = run(["apt-cache", "search", "--names-only", pattern], timeout=120)
+    proc = run(["apt-cache", *_apt_opts(), "search", "--names-only", pattern], timeout=120)
     best = (int(match.group(2)), name)
     for line in proc.stdout.decode("utf-8", "replace").splitlines():
         candidate = line.split(" - ", 1)[0].strip()

@@ -13,7 +13,7 @@ from typing import Any
 
 from builder.errors import UserInputError
 from builder.fsutil import write_atomic
-from builder.inputs import lock_path, make_lock, update_pins
+from builder.inputs import Lock, lock_path, make_lock, update_pins
 
 
 def _variables(items: list[str]) -> dict[str, str]:
@@ -58,8 +58,9 @@ def handle(args: argparse.Namespace) -> int:
     base = args.recipe.resolve().parent
     files = {_relative(p, base): p for p in recipe.files}
     files.update({_relative(p, base): p for p in recipe.local_inputs.values()})
-    lock = make_lock(recipe.packages, files, offline=args.offline)
     target = lock_path(args.recipe)
+    previous = Lock.from_json(target.read_bytes(), str(target)) if target.exists() else None
+    lock = make_lock(recipe.packages, files, offline=args.offline, previous=previous)
     write_atomic(target, lock.to_json())
     print(f"wrote {target}")
     return 0
