@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from builder import disk  # noqa: E402
+from builder import disk
 
 REPO = Path(__file__).resolve().parents[2]
 PROBE = REPO / "qemu" / "probe" / "probe.sh"
@@ -57,7 +57,7 @@ def _cpio(entries: list[tuple[str, int, bytes]]) -> bytes:
 
 def make_initrd(root: Path, *, probe: bool = True) -> bytes:
     kver = next((root / "lib" / "modules").iterdir()).name
-    mods = [f"kernel/fs/efivarfs/efivarfs.ko"]
+    mods = ["kernel/fs/efivarfs/efivarfs.ko"]
     entries: list[tuple[str, int, bytes]] = [
         ("bin", 0o40755, b""),
         ("etc", 0o40755, b""),
