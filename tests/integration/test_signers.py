@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from builder.errors import InputFileError, UserInputError
 from builder.secureboot import esl
 from builder.secureboot.signer import Signer
-from builder.secureboot.signers import FileSigner, PKCS11Signer, open_signer
+from builder.secureboot.signers import FileSigner, KMSSigner, PKCS11Signer, open_signer
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "keys.example"
@@ -181,3 +181,39 @@ def test_file_certificate_mismatch() -> None:
 def test_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(UserInputError, match=message):
         open_signer(spec, EXAMPLE / "db.crt")
+
+
+class _KMSLike:
+    """Stands in for a boto3 KMS client: answers get_public_key and sign with a real key."""
+
+    def __init__(self, key_path: Path) -> None:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        assert isinstance(key, rsa.RSAPrivateKey)
+        self.key = key
+        self.calls: list[dict[str, object]] = []
+
+    def get_public_key(self, KeyId: str) -> dict[str, bytes]:
+        spki = serialization.PublicFormat.SubjectPublicKeyInfo
+        return {"PublicKey": self.key.public_key().public_bytes(serialization.Encoding.DER, spki)}
+
+    def sign(self, **kwargs: object) -> dict[str, bytes]:
+        self.calls.append(kwargs)
+        assert kwargs["MessageType"] == "DIGEST"
+        assert kwargs["SigningAlgorithm"] == "RSASSA_PKCS1_V1_5_SHA_256"
+        digest = kwargs["Message"]
+        assert isinstance(digest, bytes) and len(digest) == 32
+        from cryptography.hazmat.primitives.asymmetric import utils
+
+        signature = self.key.sign(digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256()))
+        return {"Signature": signature}
+
+
+def test_kms_signer_contract() -> None:
+    """The KMS backend's request shape; no AWS here (the client is a local stand-in)."""
+    client = _KMSLike(EXAMPLE / "db.key")
+    kms = KMSSigner("alias/db", EXAMPLE / "db.crt", client=client)
+    assert kms.sign(DATA) == FileSigner(EXAMPLE / "db.key", EXAMPLE / "db.crt").sign(DATA)
+    assert client.calls[0]["KeyId"] == "alias/db"
+    assert kms.description == "kms:alias/db"
+    with pytest.raises(InputFileError, match="certificate does not match KMS key"):
+        KMSSigner("alias/db", EXAMPLE / "KEK.crt", client=client)

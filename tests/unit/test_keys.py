@@ -206,3 +206,8 @@ def test_expired(keyset_dir: Path) -> None:
 def test_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(InputFileError, match="key set folder not found"):
         load_keyset(tmp_path / "absent")
+
+
+def test_cli_generate_release(tmp_path: Path) -> None:
+    assert main(["keys", "generate-release", str(tmp_path / "rel")]) == 0
+    assert sorted(p.name for p in (tmp_path / "rel").iterdir()) == ["release.key", "release.pub"]
