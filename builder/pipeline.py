@@ -160,9 +160,9 @@ def kernel_release(kernel: DebPackage) -> str:
     """The release string of the one kernel in the package (``6.1.0-56-amd64``)."""
     releases = sorted(
         {
-            p.split("/")[3]
+            p.split("/")[2]
             for p in kernel.members
-            if p.startswith("lib/modules/") and p.count("/") >= 4
+            if p.startswith("lib/modules/") and p.count("/") >= 3
         }
     )
     if len(releases) != 1:
@@ -297,6 +297,10 @@ def make_disk_stage(ctx: _Context) -> None:
 
 def make_varstore_stage(ctx: _Context) -> None:
     platform_ref = load_platform(ctx.recipe.platform)
+    if platform_ref.machine is None:
+        raise UserInputError(
+            f"platform {platform_ref.name} has no machine definition to take the varstore from"
+        )
     template = _member(ctx.packages["ovmf"], platform_ref.machine.firmware_vars_template)
     data = make_varstore(
         template,
