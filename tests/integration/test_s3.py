@@ -18,7 +18,7 @@ from builder.store.base import blob_key, channel_key, manifest_key
 from builder.store.fetch import RollbackState, fetch, fetch_index
 from builder.store.s3 import S3Store
 from tests.fake_outdir import make_outdir, make_release_key
-from tests.integration.conftest import BUCKET, Weed
+from tests.integration.seaweed import BUCKET, Weed
 
 pytestmark = pytest.mark.s3
 NAME = "debian-minimal"
