@@ -10,7 +10,7 @@ DEBIAN_PACKAGES=(
   mtools dosfstools fdisk cpio zstd binutils # independent checks of disk, initrd and UKI
   sbsigntool pesign osslsigncode             # independent Authenticode oracles
   tpm2-tools systemd                         # tpm2_eventlog, systemd-measure oracles
-  softhsm2 opensc                            # PKCS#11 signing tests
+  softhsm2 opensc efitools                   # PKCS#11 signing tests, .auth/.esl oracles
   faketime                                   # reproducibility check under another clock
   python3 python3-venv
 )
