@@ -30,11 +30,9 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    # -v shows our own steps, not the chatter of the libraries we call.
+    logging.getLogger("builder").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         code: int = args.func(args)
     except BootchainError as exc:
