@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 from builder.dsse import ReleaseKey, Trust, load_release_key, load_trust, make_trust_file
 from builder.manifest import generate_release_key
@@ -32,8 +33,14 @@ def make_outdir(
     example_keys: bool = False,
     salt: str = "",
     big: int = 0,
+    measurements: dict[str, Any] | None = None,
+    authenticode: dict[str, str] | None = None,
 ) -> Path:
-    """Write out/<name>/<version>/ with fake artifacts; ``big`` sets disk.img's size."""
+    """Write out/<name>/<version>/ with fake artifacts; ``big`` sets disk.img's size.
+
+    ``measurements`` replaces the fake measurements.json; ``authenticode`` the Authenticode
+    digests of BOOTX64.EFI and the UKI (keys "BOOTX64.EFI" and "uki").
+    """
     out = root / name / version
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -45,7 +52,13 @@ def make_outdir(
         "BOOTX64.EFI": hashlib.sha256(b"auth-sdboot" + salt.encode()).hexdigest(),
         f"{name}-{version}.efi": hashlib.sha256(f"auth-uki{version}{salt}".encode()).hexdigest(),
     }
-    measurements = {
+    if authenticode:
+        auth = {
+            "BOOTX64.EFI": authenticode["BOOTX64.EFI"],
+            f"{name}-{version}.efi": authenticode["uki"],
+        }
+    given = measurements
+    fake = {
         "schema": "bootchain.measurements/v1",
         "platform": {"name": PLATFORM, "digest": "00" * 32},
         "chain": "systemd252-linux61-secureboot",
@@ -62,7 +75,7 @@ def make_outdir(
         ],
         "artifacts": {k: {"authenticode_sha256": v} for k, v in auth.items()},
     }
-    files["measurements.json"] = json.dumps(measurements, indent=2).encode()
+    files["measurements.json"] = json.dumps(given or fake, indent=2).encode()
     for fname, data in files.items():
         (out / fname).write_bytes(data)
     disk = out / "disk.img"
