@@ -150,3 +150,27 @@ def test_wrong_expected_value_is_reported(log: el.EventLog, expected: dict[str, 
 def test_malformed_expected_is_input_error(log: el.EventLog, doc: dict[str, Any]) -> None:
     with pytest.raises(InputFileError):
         compare(doc, log)
+
+
+REALBOOT = DATA / "realboot-debian-minimal"
+
+
+def test_recorded_prediction_matches_recorded_real_boot() -> None:
+    """The default build's prediction against the real boot of that build (see NOTE.md)."""
+    expected = json.loads((REALBOOT / "measurements.json").read_text())
+    real = el.EventLog.parse((REALBOOT / "eventlog.bin").read_bytes())
+    tpm: dict[str, dict[int, bytes]] = {}
+    for line in (REALBOOT / "pcrs.txt").read_text().splitlines():
+        bank, index, value = line.split()
+        tpm.setdefault(bank, {})[int(index)] = bytes.fromhex(value)
+    verdict = compare(expected, real, tpm)
+    assert verdict.ok, verdict.render_table()
+    assert {r.bank for r in verdict.rows} == {"sha1", "sha256", "sha384"}
+    predicted = el.from_cel(expected["events"])
+    assert len(predicted) == len(real.events)
+    for ours, theirs in zip(predicted, real.events, strict=True):
+        assert (ours.pcr, ours.event_type) == (theirs.pcr, theirs.event_type)
+        if ours.event_type == el.EV_EFI_BOOT_SERVICES_APPLICATION:
+            assert ours.data[8:] == theirs.data[8:]  # all but ImageLocationInMemory
+        else:
+            assert ours.data == theirs.data
