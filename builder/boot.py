@@ -432,6 +432,12 @@ def _watch(
                 outcome = "probe-done" if "done" in state.phases else "powered-off"
                 return _result(outcome, state, serial_log, elapsed, accel)
             if swtpm.poll() is not None:
+                # swtpm --terminate ends when QEMU closes the TPM connection at power-off:
+                # give QEMU a moment to exit before calling it a swtpm failure.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    qemu.wait(3.0)
+                if qemu.poll() is not None:
+                    continue
                 raise BootError(
                     f"swtpm exited {swtpm.returncode} in phase {_last(state)} after "
                     f"{elapsed:.0f} s: {_tail(logs / 'swtpm.log') or 'no output'}"
