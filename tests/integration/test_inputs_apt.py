@@ -6,8 +6,10 @@ with builds and later runs. Oracles: kmod's ``modinfo``, GNU cpio, busybox's own
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -201,3 +203,43 @@ def test_update_pins_rewrites_recipe(tmp_path: Path) -> None:
     )
     assert recipe.read_text() == expected
     assert update_pins([recipe], {"kernel": KERNEL, "systemd-boot": SDBOOT}) == []
+
+
+def test_lock_cli_update_then_offline(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    recipes = tmp_path / "recipes"
+    shutil.copytree(root / "recipes", recipes)
+    recipe = recipes / "debian-minimal.yaml"
+    text = recipe.read_text()
+    assert SDBOOT.sha256 in text, "the default recipe moved on: update this test's pins"
+    recipe.write_text(
+        text.replace(SDBOOT.version, SDBOOT_OLD.version).replace(SDBOOT.sha256, SDBOOT_OLD.sha256)
+    )
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "builder.cli", "lock", *args, str(recipe)],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=900,
+        )
+
+    proc = cli("--update")
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        "systemd-boot: systemd-boot-efi 252.38-1~deb12u1 (099343ccb3ad) -> "
+        "252.39-1~deb12u2 (8f2b81bdcfaf)"
+    ) in proc.stdout
+    assert recipe.read_text() == text
+    lock = recipes / "debian-minimal.lock.json"
+    first = lock.read_bytes()
+    obj = json.loads(first)
+    assert obj["packages"]["systemd-boot"]["sha256"] == SDBOOT.sha256
+    assert obj["packages"]["systemd-boot"]["uri"].endswith(".deb")
+    assert "debian-minimal.yaml" in obj["files"]
+    assert first == (json.dumps(obj, sort_keys=True, indent=2) + "\n").encode()
+    proc = cli("--offline")
+    assert proc.returncode == 0, proc.stderr
+    assert lock.read_bytes() == first
