@@ -70,6 +70,7 @@ _SCHEMAS = {
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+_PATH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*")
 
 
 class _SchemaError(Exception):
@@ -110,6 +111,13 @@ def _name(doc: Mapping[str, Any], key: str, where: str) -> str:
     return str(value)
 
 
+def _relpath(doc: Mapping[str, Any], key: str, where: str) -> str:
+    value = _req(doc, key, str, where)
+    if not _PATH.fullmatch(value) or ".." in value.split("/"):
+        raise _SchemaError(f"{where}.{key}: {value!r} is not a safe relative path")
+    return str(value)
+
+
 def _schema(doc: Mapping[str, Any], expected: str, where: str) -> None:
     if doc.get("schema") != expected:
         raise _SchemaError(f"{where}: schema is {doc.get('schema')!r}, expected {expected!r}")
@@ -136,7 +144,7 @@ class Artifact:
         if size < 0:
             raise _SchemaError(f"{where}.size: negative")
         auth = _hex(doc, "authenticode_sha256", where) if doc.get("authenticode_sha256") else None
-        return cls(_name(doc, "name", where), size, _hex(doc, "sha256", where), auth)
+        return cls(_relpath(doc, "name", where), size, _hex(doc, "sha256", where), auth)
 
 
 @dataclass(frozen=True)

@@ -231,3 +231,28 @@ def test_build_with_path_outside_outdir_or_bad_digest_is_refused(tmp_path: Path)
 )
 def test_version_order(low: str, high: str) -> None:
     assert version_key(low) < version_key(high)
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("BOOTX64.EFI", True),
+        ("keys/db.crt", True),
+        ("../etc/passwd", False),
+        ("keys/../../x", False),
+        ("/abs", False),
+        ("a//b", False),
+        (".hidden", False),
+    ],
+    ids=["plain", "subfolder", "parent", "parent-inside", "absolute", "empty-part", "dotfile"],
+)
+def test_artifact_names_are_safe_relative_paths(tmp_path: Path, name: str, ok: bool) -> None:
+    out = make_outdir(tmp_path)
+    build = json.loads((out / "build.json").read_text())
+    build["artifacts"][0]["name"] = name
+    (out / "build.json").write_text(json.dumps(build))
+    if ok:
+        assert manifest_from_build(out).artifacts
+    else:
+        with pytest.raises(InputFileError, match="safe relative path"):
+            manifest_from_build(out)
