@@ -896,3 +896,50 @@ def patch_esp_file(path: Path, esp_path: str, offset: int, data: bytes) -> None:
     with path.open("r+b") as f:
         f.seek(ent.offset + offset)
         f.write(data)
+
+
+def rewrite_esp(
+    src: Path, dst: Path, changes: Mapping[str, bytes | None], *, source_date_epoch: int
+) -> None:
+    """Copy image ``src`` to ``dst`` with ESP files replaced, added or (None) removed.
+
+    The GPT (both copies), the FAT volume id and label and every other partition are kept
+    byte for byte, so the copy measures the same into PCR 5; only the ESP's FAT is rewritten.
+    """
+    table = read_gpt(src)
+    esp = next((e for e in table.partitions if e.type_guid == ESP_TYPE), None)
+    if esp is None:
+        raise InputFileError(f"{src}: no EFI System Partition in the GPT")
+    files = read_esp_files(src)
+    for name, data in changes.items():
+        if data is None:
+            if files.pop(name, None) is None:
+                raise UserInputError(f"{src}: no file {name!r} in the ESP to remove")
+        else:
+            files[name] = data
+    total = table.total_sectors
+    tail_start = (total - 1 - GPT_ENTRY_SECTORS) * SECTOR
+    writes: list[tuple[int, bytes]] = []
+    with src.open("rb") as f:
+        writes.append((0, _read_exact(f, 0, (2 + GPT_ENTRY_SECTORS) * SECTOR)))
+        writes.append((tail_start, _read_exact(f, tail_start, (GPT_ENTRY_SECTORS + 1) * SECTOR)))
+        boot = _read_exact(f, esp.first_lba * SECTOR, SECTOR)
+        for part in table.partitions:
+            if part is esp:
+                continue
+            for lba in range(part.first_lba, part.last_lba + 1, MIB_SECTORS):
+                count = min(MIB_SECTORS, part.last_lba + 1 - lba)
+                chunk = _read_exact(f, lba * SECTOR, count * SECTOR)
+                if chunk.count(0) != len(chunk):
+                    writes.append((lba * SECTOR, chunk))
+    (volume_id,) = struct.unpack_from("<I", boot, 67)
+    fat = make_fat32(
+        esp.last_lba - esp.first_lba + 1,
+        files,
+        volume_id=volume_id,
+        label=boot[71:82].decode("ascii", "replace").rstrip() or "NO NAME",
+        source_date_epoch=source_date_epoch,
+        hidden_sectors=esp.first_lba,
+    )
+    writes += [(esp.first_lba * SECTOR + off, data) for off, data in fat.writes]
+    _write_sparse(dst, total * SECTOR, writes)

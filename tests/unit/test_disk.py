@@ -196,3 +196,31 @@ def test_derive_guid_is_stable() -> None:
     g = disk.derive_guid(b"seed", "disk")
     assert g == uuid.UUID(bytes=hashlib.sha256(b"seeddisk").digest()[:16], version=4)
     assert g.variant == uuid.RFC_4122
+
+
+def test_rewrite_esp_keeps_gpt_and_changes_files(tmp_path: Path) -> None:
+    src, dst = tmp_path / "a.img", tmp_path / "b.img"
+    part = disk.Partition("data", disk.LINUX_DATA_TYPE, 2, content=b"payload")
+    layout = disk.DiskLayout(size_mib=40, esp_size_mib=36, partitions=(part,))
+    disk.make_disk(src, layout, FILES, seed=b"x", source_date_epoch=SDE, label="BOOTCHAIN")
+    changes: dict[str, bytes | None] = {
+        "EFI/BOOT/BOOTX64.EFI": b"MZ-other",
+        "loader/loader.conf": None,
+        "EFI/new.txt": b"new",
+    }
+    disk.rewrite_esp(src, dst, changes, source_date_epoch=SDE)
+    assert disk.gpt_event_data(dst) == disk.gpt_event_data(src)
+    want = {k: v for k, v in {**FILES, **changes}.items() if v is not None}
+    assert disk.read_esp_files(dst) == want
+    a, b = src.read_bytes(), dst.read_bytes()
+    assert a[-33 * 512 :] == b[-33 * 512 :]
+    esp_at = 2048 * 512
+    assert a[esp_at + 67 : esp_at + 82] == b[esp_at + 67 : esp_at + 82]  # volume id + label
+    data_at = disk.read_gpt(dst).partitions[1].first_lba * 512
+    assert b[data_at : data_at + 7] == b"payload"
+    disk.make_disk(
+        tmp_path / "c.img", layout, want, seed=b"x", source_date_epoch=SDE, label="BOOTCHAIN"
+    )
+    assert (tmp_path / "c.img").read_bytes() == b  # same as building it that way
+    with pytest.raises(UserInputError, match="no file"):
+        disk.rewrite_esp(src, dst, {"nope": None}, source_date_epoch=SDE)
