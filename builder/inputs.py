@@ -444,6 +444,11 @@ def read_tar_members(
                         raise InputFileError(
                             f"{where}: hard link {path} to unknown {info.linkname}"
                         )
+                    if wanted and target.path not in members:
+                        raise InputFileError(
+                            f"{where}: hard link {path} points to {target.path}, "
+                            "which the member selection left out"
+                        )
                     member = DebMember(path, "file", mode, target.data)
                 elif info.isfile():
                     data = b""

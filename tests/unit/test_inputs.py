@@ -390,3 +390,10 @@ def test_offline_lock_keeps_uris_of_unchanged_pins(cache: Path) -> None:
     assert kept.packages[0].uri == "http://m/x"
     moved = make_lock({"busybox": other}, {}, offline=True, previous=previous)
     assert moved.packages[0].uri == ""
+
+
+def test_read_deb_select_hard_link_needs_its_target() -> None:
+    with pytest.raises(InputFileError, match=r"hard link usr/lib/hello/hello-hardlink points to"):
+        read_deb(DEBS["gz"], select=lambda p: p.startswith("usr/lib"))
+    both = read_deb(DEBS["gz"], select=lambda p: p.startswith(("usr/lib", "usr/bin/hello")))
+    assert both.members["usr/lib/hello/hello-hardlink"].data == b"#!/bin/sh\necho hello\n"
