@@ -5,6 +5,7 @@ Add a verb by adding its module name to ``MODULES`` (one per line, keep sorted).
 """
 
 MODULES: tuple[str, ...] = (
+    "boot_test",
     "build",
     "eventlog",
     "fetch",
