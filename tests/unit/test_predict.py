@@ -254,3 +254,20 @@ def test_pcr11_equals_systemd_measure(tmp_path: Path, names: tuple[str, ...]) ->
     events = pr.section_events(order.option("order"), digests_by_name, banks)
     for bank in banks:
         assert el.replay(events, bank)[11].hex() == oracle[bank][0]["hash"], bank
+
+
+def test_changing_the_db_key_moves_only_pcr7(log: el.EventLog) -> None:
+    """Authenticode digests exclude the signature: re-signing leaves PCR 4 (real boots agree)."""
+    platform = load_platform("ovmf-2022.11-q35-secboot")
+    chain = load_chain(platform.chain)
+    base = vector_inputs(log)
+    variables = dict(base.secureboot_variables)
+    guid, _ = variables["db"]
+    variables["db"] = (guid, b"another db")
+    assert base.authority is not None
+    changed = dataclasses.replace(
+        base, secureboot_variables=variables, authority=(base.authority[0], b"another cert")
+    )
+    a = pr.make_measurements(platform, chain, base).pcrs["sha256"]
+    b = pr.make_measurements(platform, chain, changed).pcrs["sha256"]
+    assert {n for n in a if a[n] != b[n]} == {7}
