@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import UserInputError, VerificationError
+from builder.errors import StoreError, UserInputError, VerificationError
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just transferred (from worker threads too)."""
@@ -101,6 +101,25 @@ class Store(abc.ABC):
         return self.blob_size(digest) == size
 
 
+def _stream(store: Store, digest: str, size: int) -> Iterator[bytes]:
+    """The blob's chunks; a connection lost after the first byte is a truncated download."""
+    chunks = store.iter_blob(digest)
+    done = 0
+    while True:
+        try:
+            chunk = next(chunks, b"")
+        except StoreError as exc:
+            if done == 0:
+                raise
+            raise VerificationError(
+                f"{store.url}/{blob_key(digest)}: truncated, {done} of {size} bytes ({exc})"
+            ) from exc
+        if not chunk:
+            return
+        done += len(chunk)
+        yield chunk
+
+
 def download_blob(
     store: Store, digest: str, size: int, dest: Path, progress: Progress | None = None
 ) -> None:
@@ -114,7 +133,7 @@ def download_blob(
         hasher = hashlib.sha256()
         done = 0
         with os.fdopen(fd, "wb") as f:
-            for chunk in store.iter_blob(digest):
+            for chunk in _stream(store, digest, size):
                 done += len(chunk)
                 if done > size:
                     raise VerificationError(

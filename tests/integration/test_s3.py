@@ -286,3 +286,25 @@ def test_cli_publish_and_fetch_the_standard_aws_way(  # type: ignore[no-untyped-
     argv += ["--key", str(tmp_path / "keys" / "release.key")]
     assert cli.main(argv) == 5
     assert "AccessDenied" in capsys.readouterr().err
+
+
+def test_download_cut_by_a_dying_server_is_refused_and_leaves_nothing(  # type: ignore[no-untyped-def]
+    fresh_weed, request, keys, tmp_path
+) -> None:
+    key, trust, _ = keys
+    rw, _ = stores(fresh_weed, request)
+    publish(make_outdir(tmp_path / "o", big=48 << 20), rw, key, "stable")
+    reader = S3Store(BUCKET, rw.prefix, fresh_weed.client("ro", max_attempts=1))
+    received = [0]
+
+    def kill_midway(n: int) -> None:
+        received[0] += n
+        if received[0] >= 4 << 20 and fresh_weed.proc is not None:
+            fresh_weed.stop(kill=True)
+
+    got = tmp_path / "got"
+    with pytest.raises(VerificationError, match="truncated"):
+        fetch(reader, NAME, "stable", trust, got, artifacts=True, progress=kill_midway,
+              state=RollbackState(tmp_path / "state"))  # fmt: skip
+    assert 0 < received[0] < 48 << 20
+    assert sorted(p.name for p in got.iterdir()) == ["BOOTX64.EFI", "debian-minimal-1.0.0.efi"]

@@ -251,3 +251,16 @@ def test_local_create_is_exclusive_and_replace_is_compare_and_swap(tmp_path: Pat
     assert obj is not None and (obj.data, obj.etag) == (b"two", new)
     with pytest.raises(StoreError, match="unsafe"):
         store.get("../etc/passwd")
+
+
+def test_republishing_with_an_ecdsa_key_is_a_no_op_too(tmp_path: Path) -> None:
+    # ECDSA signatures differ on every run: "identical" means the same signed payload.
+    key, trust_path = make_release_key(tmp_path / "keys", "ecdsa-p256")
+    store = LocalStore(tmp_path / "store")
+    out = make_outdir(tmp_path / "out")
+    first = publish(out, store, key, "stable")
+    again = publish(out, store, key, "stable")
+    assert not again.manifest_created and again.manifest_sha256 == first.manifest_sha256
+    got = fetch(store, NAME, "stable", load_trust(trust_path), tmp_path / "got",
+                state=RollbackState(tmp_path / "state"))  # fmt: skip
+    assert got.pointer.sequence == 1
