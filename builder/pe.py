@@ -274,7 +274,8 @@ def authenticode_digest(data: BytesLike, algorithm: str = "sha256") -> bytes:
     return _digest(memoryview(data), image, algorithm)
 
 
-def _digest(mv: memoryview, image: PEImage, algorithm: str) -> bytes:
+def _digest(mv: memoryview, image: PEImage, algorithm: str, zero_pad: int = 0) -> bytes:
+    """The digest of ``mv``, as if ``zero_pad`` zero bytes followed it (signing pads to 8)."""
     h = hashlib.new(algorithm)
     h.update(mv[: image.checksum_offset])
     h.update(mv[image.checksum_offset + 4 : image.cert_dir_offset])
@@ -288,27 +289,52 @@ def _digest(mv: memoryview, image: PEImage, algorithm: str) -> bytes:
     end = image.hashed_end
     if end > hashed:
         h.update(mv[hashed:end])
+    if zero_pad:
+        h.update(bytes(zero_pad))
     return h.digest()
+
+
+def padded_digest(data: BytesLike, zero_pad: int, algorithm: str = "sha256") -> bytes:
+    """authenticode_digest(data + zero_pad zero bytes) without copying ``data``."""
+    image = parse_pe(data)
+    if image.signed and zero_pad:
+        raise InputFileError("cannot pad a signed PE image: the certificate table ends it")
+    return _digest(memoryview(data), image, algorithm, zero_pad)
+
+
+def word_sum(data: BytesLike, offset: int = 0) -> int:
+    """Sum of the 16-bit little-endian words of ``data`` placed at file ``offset``, mod 0xffff.
+
+    Since 2**16 == 1 (mod 0xffff), that is the bytes read as one little-endian integer,
+    modulo 0xffff (times 256 when the run starts at an odd offset). Sums of runs add, so a
+    file's sum can be built from its pieces.
+    """
+    mv = memoryview(data)
+    # Each chunk is an even number of bytes, so 2**(8 * chunk) == 1 (mod 0xffff) and the
+    # chunks' values can simply be added (cheaper than a modulo per chunk).
+    total = sum(
+        int.from_bytes(mv[start : start + _CHECKSUM_CHUNK], "little")
+        for start in range(0, len(mv), _CHECKSUM_CHUNK)
+    )
+    return (total << (8 * (offset & 1))) % 0xFFFF
+
+
+def checksum_from_sum(total: int, size: int) -> int:
+    """The CheckSum field from a file's word sum (CheckSum counted as zero) and its size."""
+    # End-around carry never yields 0 for a non-zero sum (a PE starts with "MZ").
+    return ((total % 0xFFFF or 0xFFFF) + size) & 0xFFFFFFFF
 
 
 def pe_checksum(data: BytesLike) -> int:
     """The PE optional-header CheckSum of ``data`` (its own CheckSum field counted as zero).
 
-    The classic algorithm adds 16-bit little-endian words with end-around carry and then
-    the file length. Since 2**16 == 1 (mod 0xffff), the word sum modulo 0xffff is any run
-    of bytes starting at an even offset read as one little-endian integer, modulo 0xffff,
-    which Python computes in C a chunk at a time.
+    The classic algorithm adds 16-bit little-endian words with end-around carry, then the
+    file length; see :func:`word_sum` for how the words are added here.
     """
     image = parse_pe(data)
-    mv = memoryview(data)
-    total = 0
-    for start in range(0, len(mv), _CHECKSUM_CHUNK):
-        total += int.from_bytes(mv[start : start + _CHECKSUM_CHUNK], "little") % 0xFFFF
     off = image.checksum_offset
-    total -= (_u32(mv, off) << (8 * off)) % 0xFFFF
-    # End-around carry never yields 0 for a non-zero sum (a PE starts with "MZ").
-    folded = total % 0xFFFF or 0xFFFF
-    return (folded + len(data)) & 0xFFFFFFFF
+    field = word_sum(memoryview(data)[off : off + 4], off)
+    return checksum_from_sum(word_sum(data) - field, len(data))
 
 
 @dataclass(frozen=True)

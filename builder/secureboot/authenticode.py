@@ -28,7 +28,16 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from builder.errors import InputFileError, VerificationError
-from builder.pe import WIN_CERT_ALIGN, PEImage, authenticode_digest, parse_pe, pe_checksum
+from builder.pe import (
+    WIN_CERT_ALIGN,
+    PEImage,
+    authenticode_digest,
+    checksum_from_sum,
+    padded_digest,
+    parse_pe,
+    pe_checksum,
+    word_sum,
+)
 from builder.secureboot import esl
 from builder.secureboot.signer import Signer
 
@@ -270,6 +279,8 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
     """Sign a PE image with ``signer``; the same inputs always give the same bytes.
 
     An already signed image is refused unless ``replace``, which drops the old signatures.
+    The image is zero-padded to 8 bytes (the padding is hashed), the WIN_CERTIFICATE is
+    appended, and the security directory entry and CheckSum are set.
     """
     image = parse_pe(data)
     if image.signed:
@@ -279,21 +290,27 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
                 hint="pass replace=True (--replace) to drop the old signature",
             )
         data = strip_signature(data)
+        image = parse_pe(data)
     pad = -len(data) % WIN_CERT_ALIGN
-    out = bytearray(len(data) + pad)
-    out[: len(data)] = data
-    image = parse_pe(out)
-    der = make_signature(authenticode_digest(out), signer)
+    der = make_signature(padded_digest(data, pad), signer)
     length = WIN_CERTIFICATE_HEADER + len(der)
     entry = struct.pack("<IHH", length, WIN_CERT_REVISION_2_0, WIN_CERT_TYPE_PKCS_SIGNED_DATA)
     table = entry + der + bytes(-length % WIN_CERT_ALIGN)
-    offset = len(out)
+    offset = len(data) + pad
     if offset + len(table) >= 1 << 32:
         raise InputFileError(f"PE image too large to sign ({offset} bytes)")
-    struct.pack_into("<II", out, image.cert_dir_offset, offset, len(table))
-    out += table
-    struct.pack_into("<I", out, image.checksum_offset, pe_checksum(out))
-    return bytes(out)
+    # Only the headers change: patch a copy of them, and build the CheckSum from the pieces
+    # so the 60 MB body is read once for the digest and once for the sum, never copied twice.
+    mv = memoryview(data)
+    headers = bytearray(mv[: image.size_of_headers])
+    struct.pack_into("<II", headers, image.cert_dir_offset, offset, len(table))
+    struct.pack_into("<I", headers, image.checksum_offset, 0)
+    body = mv[image.size_of_headers :]
+    total = word_sum(headers) + word_sum(body, image.size_of_headers) + word_sum(table, offset)
+    struct.pack_into(
+        "<I", headers, image.checksum_offset, checksum_from_sum(total, offset + len(table))
+    )
+    return b"".join((headers, body, bytes(pad), table))
 
 
 # --- verification -------------------------------------------------------------------------
