@@ -18,9 +18,8 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any
 
-from asn1crypto import algos, cms, core, parser, x509
 from cryptography import x509 as cx509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -38,7 +37,6 @@ from builder.pe import (
     pe_checksum,
     word_sum,
 )
-from builder.secureboot import esl
 from builder.secureboot.signer import Signer
 
 SPC_INDIRECT_DATA_OBJID = "1.3.6.1.4.1.311.2.1.4"
@@ -46,6 +44,9 @@ SPC_PE_IMAGE_DATAOBJ = "1.3.6.1.4.1.311.2.1.15"
 SPC_SP_OPUS_INFO_OBJID = "1.3.6.1.4.1.311.2.1.12"
 OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_SHA256 = "2.16.840.1.101.3.4.2.1"
+OID_RSA_ENCRYPTION = "1.2.840.113549.1.1.1"
 
 WIN_CERT_REVISION_2_0 = 0x0200
 WIN_CERT_TYPE_PKCS_SIGNED_DATA = 0x0002
@@ -72,196 +73,131 @@ _RSA_SIGNATURE_ALGORITHMS = frozenset(
 )
 
 
-# --- ASN.1 of the Microsoft structures (Authenticode PE spec, section "SignedData") --------
-
-
-class SpcString(core.Choice):  # type: ignore[misc]
-    _alternatives: ClassVar[list[tuple[Any, ...]]] = [
-        ("unicode", core.BMPString, {"implicit": 0}),
-        ("ascii", core.IA5String, {"implicit": 1}),
-    ]
-
-
-class SpcSerializedObject(core.Sequence):  # type: ignore[misc]
-    _fields: ClassVar[list[tuple[Any, ...]]] = [
-        ("class_id", core.OctetString),
-        ("serialized_data", core.OctetString),
-    ]
-
-
-class SpcLink(core.Choice):  # type: ignore[misc]
-    _alternatives: ClassVar[list[tuple[Any, ...]]] = [
-        ("url", core.IA5String, {"implicit": 0}),
-        ("moniker", SpcSerializedObject, {"implicit": 1}),
-        ("file", SpcString, {"explicit": 2}),
-    ]
-
-
-class SpcPeImageData(core.Sequence):  # type: ignore[misc]
-    _fields: ClassVar[list[tuple[Any, ...]]] = [
-        ("flags", core.BitString),
-        ("file", SpcLink, {"explicit": 0, "optional": True}),
-    ]
-
-
-class SpcAttributeTypeAndOptionalValue(core.Sequence):  # type: ignore[misc]
-    _fields: ClassVar[list[tuple[Any, ...]]] = [
-        ("type", core.ObjectIdentifier),
-        ("value", core.Any, {"optional": True}),
-    ]
-
-
-class DigestInfo(core.Sequence):  # type: ignore[misc]
-    _fields: ClassVar[list[tuple[Any, ...]]] = [
-        ("digest_algorithm", algos.DigestAlgorithm),
-        ("digest", core.OctetString),
-    ]
-
-
-class SpcIndirectDataContent(core.Sequence):  # type: ignore[misc]
-    _fields: ClassVar[list[tuple[Any, ...]]] = [
-        ("data", SpcAttributeTypeAndOptionalValue),
-        ("message_digest", DigestInfo),
-    ]
-
-
-class SpcSpOpusInfo(core.Sequence):  # type: ignore[misc]
-    _fields: ClassVar[list[tuple[Any, ...]]] = [
-        ("program_name", SpcString, {"explicit": 0, "optional": True}),
-        ("more_info", SpcLink, {"explicit": 1, "optional": True}),
-    ]
-
-
-class _SetOfOID(core.SetOf):  # type: ignore[misc]
-    _child_spec = core.ObjectIdentifier
-
-
-class _SetOfOctetString(core.SetOf):  # type: ignore[misc]
-    _child_spec = core.OctetString
-
-
-class _SetOfOpusInfo(core.SetOf):  # type: ignore[misc]
-    _child_spec = SpcSpOpusInfo
-
-
-class _Attribute(core.Sequence):  # type: ignore[misc]
-    _fields: ClassVar[list[tuple[Any, ...]]] = [
-        ("type", core.ObjectIdentifier),
-        ("values", core.Any),
-    ]
-
-
 # --- signing ------------------------------------------------------------------------------
 
 
-def _der_set(elements: Sequence[bytes]) -> bytes:
+def _der(tag: int, content: bytes) -> bytes:
+    """One DER TLV with a definite, minimal length."""
+    n = len(content)
+    if n < 0x80:
+        return bytes((tag, n)) + content
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((tag, 0x80 | len(size))) + size + content
+
+
+def _seq(*parts: bytes) -> bytes:
+    return _der(0x30, b"".join(parts))
+
+
+def _set_of(*parts: bytes) -> bytes:
     """DER SET OF: elements sorted by their encodings."""
-    body = b"".join(sorted(elements))
-    return core.Asn1Value(class_=0, method=1, tag=17, contents=body).dump()  # type: ignore[no-any-return]
+    return _der(0x31, b"".join(sorted(parts)))
 
 
-def _content_info(oid: str, content_der: bytes) -> bytes:
-    """PKCS#7 ContentInfo ``SEQUENCE { oid, [0] EXPLICIT content }`` as DER."""
-    explicit = core.Asn1Value(class_=2, method=1, tag=0, contents=content_der).dump()
-    body = core.ObjectIdentifier(oid).dump() + explicit
-    return core.Asn1Value(class_=0, method=1, tag=16, contents=body).dump()  # type: ignore[no-any-return]
+def _oid(dotted: str) -> bytes:
+    arcs = [int(a) for a in dotted.split(".")]
+    body = bytearray()
+    for arc in (40 * arcs[0] + arcs[1], *arcs[2:]):
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        body += bytes(reversed(chunk))
+    return _der(0x06, bytes(body))
 
 
-def _spc_indirect_data(digest: bytes, algorithm: str) -> SpcIndirectDataContent:
-    image_data = SpcPeImageData(
-        {
-            "flags": core.BitString(()),
-            "file": SpcLink(name="file", value=SpcString(name="unicode", value="<<<Obsolete>>>")),
-        }
+def _algorithm(oid: str) -> bytes:
+    """AlgorithmIdentifier with NULL parameters."""
+    return _seq(_oid(oid), b"\x05\x00")
+
+
+def _tlv(der: bytes, pos: int, where: str) -> tuple[int, int, int]:
+    """(tag, content start, end) of the DER element at ``pos``."""
+    if pos + 2 > len(der):
+        raise InputFileError(f"{where}: truncated DER at offset {pos}")
+    tag, first = der[pos], der[pos + 1]
+    start = pos + 2
+    if first & 0x80:
+        count = first & 0x7F
+        length = int.from_bytes(der[start : start + count], "big")
+        start += count
+    else:
+        length = first
+    if start + length > len(der):
+        raise InputFileError(f"{where}: DER element at offset {pos} runs past the end")
+    return tag, start, start + length
+
+
+def _issuer_and_serial(cert: bytes, where: str) -> bytes:
+    """IssuerAndSerialNumber with the certificate's own issuer and serial encodings."""
+    try:
+        cx509.load_der_x509_certificate(cert)
+    except (ValueError, cx509.InvalidVersion) as exc:
+        raise InputFileError(f"{where}: certificate is not DER X.509: {exc}") from exc
+    _, tbs, _ = _tlv(cert, 0, where)  # Certificate
+    _, pos, _ = _tlv(cert, tbs, where)  # TBSCertificate
+    tag, _, end = _tlv(cert, pos, where)
+    if tag == 0xA0:  # [0] version
+        pos = end
+    _, _, serial_end = _tlv(cert, pos, where)
+    serial = cert[pos:serial_end]
+    _, _, algorithm_end = _tlv(cert, serial_end, where)
+    _, _, issuer_end = _tlv(cert, algorithm_end, where)
+    return _seq(cert[algorithm_end:issuer_end], serial)
+
+
+def spc_indirect_data(digest: bytes) -> bytes:
+    """SpcIndirectDataContent for a sha256 image digest, byte for byte as sbsign writes it."""
+    obsolete = "<<<Obsolete>>>".encode("utf-16-be")
+    link = _der(0xA0, _der(0xA2, _der(0x80, obsolete)))  # file [2] { unicode [0] }
+    image_data = _seq(b"\x03\x01\x00", link)  # flags: empty BIT STRING
+    return _seq(
+        _seq(_oid(SPC_PE_IMAGE_DATAOBJ), image_data),
+        _seq(_algorithm(OID_SHA256), _der(0x04, digest)),
     )
-    return SpcIndirectDataContent(
-        {
-            "data": SpcAttributeTypeAndOptionalValue(
-                {"type": SPC_PE_IMAGE_DATAOBJ, "value": core.Any(image_data)}
-            ),
-            "message_digest": DigestInfo(
-                {
-                    "digest_algorithm": algos.DigestAlgorithm(
-                        {"algorithm": algorithm, "parameters": core.Null()}
-                    ),
-                    "digest": digest,
-                }
-            ),
-        }
+
+
+def signed_attributes(content: bytes) -> bytes:
+    """The DER SET OF authenticated attributes (what the RSA signature covers).
+
+    messageDigest is the sha256 of the SpcIndirectDataContent's value octets (without its
+    own tag and length), as Authenticode defines it.
+    """
+    _, start, _ = _tlv(content, 0, "SpcIndirectDataContent")
+    return _set_of(
+        _seq(_oid(OID_CONTENT_TYPE), _set_of(_oid(SPC_INDIRECT_DATA_OBJID))),
+        _seq(_oid(SPC_SP_OPUS_INFO_OBJID), _set_of(_seq())),
+        _seq(
+            _oid(OID_MESSAGE_DIGEST),
+            _set_of(_der(0x04, hashlib.sha256(content[start:]).digest())),
+        ),
     )
-
-
-def _signed_attributes(content_der_contents: bytes) -> bytes:
-    """The DER SET OF authenticated attributes (what the RSA signature covers)."""
-    attrs = [
-        _Attribute(
-            {
-                "type": OID_CONTENT_TYPE,
-                "values": core.Any(_SetOfOID([SPC_INDIRECT_DATA_OBJID])),
-            }
-        ).dump(),
-        _Attribute(
-            {
-                "type": SPC_SP_OPUS_INFO_OBJID,
-                "values": core.Any(_SetOfOpusInfo([SpcSpOpusInfo.load(b"\x30\x00")])),
-            }
-        ).dump(),
-        _Attribute(
-            {
-                "type": OID_MESSAGE_DIGEST,
-                "values": core.Any(
-                    _SetOfOctetString([hashlib.sha256(content_der_contents).digest()])
-                ),
-            }
-        ).dump(),
-    ]
-    return _der_set(attrs)
 
 
 def make_signature(digest: bytes, signer: Signer) -> bytes:
     """The DER PKCS#7 SignedData for an image whose sha256 Authenticode digest is ``digest``."""
-    try:
-        cert = x509.Certificate.load(signer.certificate, strict=True)
-        _ = cert.issuer.native, cert.serial_number
-    except ValueError as exc:
-        raise InputFileError(
-            f"signer {signer.description}: certificate is not DER X.509: {exc}"
-        ) from exc
-    content = _spc_indirect_data(digest, "sha256")
-    content.dump()
-    signed_attrs = _signed_attributes(content.contents)
-    signature = signer.sign(signed_attrs)
-    sha256 = algos.DigestAlgorithm({"algorithm": "sha256", "parameters": core.Null()})
-    signer_info = cms.SignerInfo(
-        {
-            "version": "v1",
-            "sid": cms.SignerIdentifier(
-                name="issuer_and_serial_number",
-                value=cms.IssuerAndSerialNumber(
-                    {"issuer": cert.issuer, "serial_number": cert.serial_number}
-                ),
-            ),
-            "digest_algorithm": sha256,
-            "signed_attrs": cms.CMSAttributes.load(signed_attrs),
-            "signature_algorithm": cms.SignedDigestAlgorithm(
-                {"algorithm": "rsassa_pkcs1v15", "parameters": core.Null()}
-            ),
-            "signature": signature,
-        }
+    cert = signer.certificate
+    sid = _issuer_and_serial(cert, f"signer {signer.description}")
+    content = spc_indirect_data(digest)
+    attrs = signed_attributes(content)
+    signature = signer.sign(attrs)
+    signer_info = _seq(
+        b"\x02\x01\x01",  # version 1
+        sid,
+        _algorithm(OID_SHA256),
+        b"\xa0" + attrs[1:],  # [0] IMPLICIT SET OF: the same octets, retagged
+        _algorithm(OID_RSA_ENCRYPTION),
+        _der(0x04, signature),
     )
-    signed_data = cms.SignedData(
-        {
-            "version": "v1",
-            "digest_algorithms": [sha256],
-            "encap_content_info": cms.ContentInfo.load(
-                _content_info(SPC_INDIRECT_DATA_OBJID, content.dump())
-            ),
-            "certificates": [cms.CertificateChoices(name="certificate", value=cert)],
-            "signer_infos": [signer_info],
-        }
+    signed_data = _seq(
+        b"\x02\x01\x01",  # version 1
+        _set_of(_algorithm(OID_SHA256)),
+        _seq(_oid(SPC_INDIRECT_DATA_OBJID), _der(0xA0, content)),
+        _der(0xA0, cert),  # certificates [0] IMPLICIT
+        _set_of(signer_info),
     )
-    der: bytes = cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
-    return der
+    return _seq(_oid(OID_SIGNED_DATA), _der(0xA0, signed_data))
 
 
 def strip_signature(data: bytes) -> bytes:
@@ -318,6 +254,8 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
 
 def read_certificate_table(data: bytes, image: PEImage) -> list[tuple[int, bytes]]:
     """(offset, PKCS#7 DER) of each WIN_CERTIFICATE entry; raises VerificationError."""
+    from asn1crypto import parser
+
     entries: list[tuple[int, bytes]] = []
     pos = image.cert_table_offset
     end = pos + image.cert_table_size
@@ -375,6 +313,10 @@ def _verify_entry(
     data: bytes, offset: int, der: bytes, trusted: Sequence[cx509.Certificate]
 ) -> bool:
     """Check one signature fully; True when trusted, False when valid but not trusted."""
+    from asn1crypto import cms
+
+    from builder.secureboot import authenticode_asn1 as asn1
+
     where = f"signature at offset {offset:#x}"
     info = cms.ContentInfo.load(der, strict=True)
     if info["content_type"].native != "signed_data":
@@ -385,7 +327,7 @@ def _verify_entry(
     encap = signed["encap_content_info"]
     if encap["content_type"].dotted != SPC_INDIRECT_DATA_OBJID:
         raise VerificationError(f"{where}: content is not SpcIndirectDataContent")
-    content = encap["content"].parse(SpcIndirectDataContent)
+    content = encap["content"].parse(asn1.SpcIndirectDataContent)
     if content["data"]["type"].dotted != SPC_PE_IMAGE_DATAOBJ:
         raise VerificationError(f"{where}: content is not SPC_PE_IMAGE_DATAOBJ")
     image_algorithm = content["message_digest"]["digest_algorithm"]["algorithm"].native
@@ -457,7 +399,7 @@ def _verify_entry(
     ):
         raise VerificationError(f"{where}: unsupported signature algorithm {sig_algorithm}")
     attrs_contents = signed_attrs.contents
-    to_verify = core.Asn1Value(class_=0, method=1, tag=17, contents=attrs_contents).dump()
+    to_verify = _der(0x31, attrs_contents)
     try:
         public_key.verify(
             signer_info["signature"].native, to_verify, padding.PKCS1v15(), _HASHES[algorithm]()
@@ -521,6 +463,8 @@ def load_certificates(data: bytes, source: str) -> list[bytes]:
         return [cx509.load_der_x509_certificate(data).public_bytes(Encoding.DER)]
     except ValueError:
         pass
+    from builder.secureboot import esl
+
     try:
         certs = [sig.data for sig in esl.SignatureDatabase.parse(data).certificates()]
     except InputFileError as exc:

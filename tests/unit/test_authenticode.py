@@ -8,12 +8,15 @@ from __future__ import annotations
 import datetime
 import functools
 import hashlib
+import json
 import struct
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from asn1crypto import cms
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -145,6 +148,29 @@ def test_signed_layout(signed: bytes) -> None:
     assert authenticode_digest(signed).hex() == (
         "36296a2dcbeacd52edeaef3b42719d29ddd288364759a28e3b8fa9f6a5b6abe9"
     )
+
+
+def _signature(signed: bytes) -> Any:
+    image = parse_pe(signed)
+    length = struct.unpack_from("<I", signed, image.cert_table_offset)[0]
+    return cms.ContentInfo.load(
+        signed[image.cert_table_offset + 8 : image.cert_table_offset + length]
+    )
+
+
+def test_signature_is_canonical_der(signed: bytes) -> None:
+    info = _signature(signed)
+    raw = info.dump()
+    assert info.dump(force=True) == raw
+
+
+def test_spc_indirect_data_is_sbsigns(signed: bytes) -> None:
+    golden = json.loads((DATA / "digests.json").read_text())["trailing-odd.efi"]
+    signer_info = _signature(signed)["content"]["signer_infos"][0]
+    attrs = {a["type"].dotted: a["values"][0] for a in signer_info["signed_attrs"]}
+    assert attrs["1.2.840.113549.1.9.4"].native.hex() == golden["sbsign_spc_message_digest"]
+    assert attrs["1.3.6.1.4.1.311.2.1.12"].dump() == b"\x30\x00"  # empty SpcSpOpusInfo
+    assert set(attrs) == {"1.2.840.113549.1.9.3", "1.2.840.113549.1.9.4", "1.3.6.1.4.1.311.2.1.12"}
 
 
 def test_signature_has_no_signing_time(signed: bytes) -> None:
