@@ -308,3 +308,37 @@ def test_download_cut_by_a_dying_server_is_refused_and_leaves_nothing(  # type: 
               state=RollbackState(tmp_path / "state"))  # fmt: skip
     assert 0 < received[0] < 48 << 20
     assert sorted(p.name for p in got.iterdir()) == ["BOOTX64.EFI", "debian-minimal-1.0.0.efi"]
+
+
+REALBOOT = Path(__file__).resolve().parents[1] / "data" / "eventlog" / "realboot-debian-minimal"
+
+
+def test_default_build_publishes_and_its_real_boot_verifies(  # type: ignore[no-untyped-def]
+    weed, request, keys, tmp_path, default_build, monkeypatch, capsys
+) -> None:
+    """The real default build (keys.example) on S3; the recorded real boot of it verifies."""
+    key, trust, trust_path = keys
+    rw, ro = stores(weed, request)
+    with pytest.raises(UserInputError, match="example Secure Boot keys"):
+        publish(default_build, rw, key, "stable")
+    result = publish(default_build, rw, key, "stable", allow_example_keys=True)
+    assert result.channel_version == "1.0.0"
+    got = fetch(ro, NAME, "stable", trust, tmp_path / "got", artifacts=True,
+                state=RollbackState(tmp_path / "state"))  # fmt: skip
+    build = json.loads((default_build / "build.json").read_text())
+    for art in build["artifacts"]:
+        fetched = (tmp_path / "got" / art["name"]).read_bytes()
+        assert hashlib.sha256(fetched).hexdigest() == art["sha256"]
+
+    # The recorded real boot of this (reproducible) build verifies against what we fetched.
+    argv = ["verify", "--manifest", str(got.manifest_path), "--trust", str(trust_path)]
+    argv += ["--eventlog", str(REALBOOT / "eventlog.bin"), "--pcrs", str(REALBOOT / "pcrs.txt")]
+    assert cli.main(argv) == 0, capsys.readouterr().out
+    assert "verdict: MATCH" in capsys.readouterr().out
+    for k, v in weed.env("ro").items():
+        monkeypatch.setenv(k, v)
+    argv = ["identify", "--store", f"s3://{BUCKET}/{rw.prefix}", "--trust", str(trust_path)]
+    assert cli.main([*argv, "--eventlog", str(REALBOOT / "eventlog.bin")]) == 0
+    out = capsys.readouterr().out
+    assert "debian-minimal 1.0.0 (BOOTX64.EFI)" in out
+    assert "debian-minimal 1.0.0 (debian-minimal-1.0.0.efi)" in out
