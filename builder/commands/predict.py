@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,12 @@ def handler(args: argparse.Namespace) -> int:
         uki_path_on_esp=f"\\EFI\\Linux\\{uki_name}",
         gpt_event_data=gpt_event_data(disk),
         varstore=varstore,
-        db_cert=_db_cert(args, build, varstore),
+        db_cert=_db_cert(args, build, varstore) if chain.secure_boot else b"",
         loader_cmdline=None,
         banks=tuple(args.bank or DEFAULT_BANKS),
     )
     artifacts = dict(measurements.artifacts)
     artifacts["disk.img"] = {"sha256": sha256_file(disk)}
-    from dataclasses import replace
-
     measurements = replace(measurements, artifacts=artifacts)
     path = outdir / "measurements.json"
     write_measurements(path, measurements)

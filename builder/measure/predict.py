@@ -24,11 +24,13 @@ from builder.measure.efi import (
     DEVICE_PATH_END,
     EFI_GLOBAL_VARIABLE,
     EFI_IMAGE_SECURITY_DATABASE,
+    DevicePathNode,
     GptData,
     ImageLoadEvent,
     TaggedEvent,
     VariableData,
     file_path_node,
+    guid_bytes,
     hd_node,
     utf16z,
 )
@@ -220,7 +222,10 @@ def _step_events(
     if kind == "image":
         image = _image(inputs, step)
         path = step.option("esp_path") or image.esp_path
-        if path is None:
+        vendor = step.option("vendor_media_guid")
+        if vendor is not None:
+            device_path = bytes(DevicePathNode(4, 3, guid_bytes(str(vendor)))) + DEVICE_PATH_END
+        elif path is None:
             device_path = DEVICE_PATH_END
         else:
             device_path = esp_device_path(platform.boot_device_path, inputs.gpt_event_data, path)
@@ -411,9 +416,10 @@ def predict(
         "BOOTX64.EFI": _artifact(bootloader, inputs.bootloader),
         uki_name: _artifact(uki, inputs.uki),
         "ovmf-vars.fd": {"sha256": hashlib.sha256(varstore).hexdigest()},
-        "db.crt": {"sha256": hashlib.sha256(db_cert).hexdigest()},
         "gpt": {"sha256": hashlib.sha256(gpt_event_data).hexdigest()},
     }
+    if authority is not None:
+        artifacts["db.crt"] = {"sha256": hashlib.sha256(db_cert).hexdigest()}
     return make_measurements(platform, chain, inputs, banks, artifacts)
 
 

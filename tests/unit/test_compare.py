@@ -152,15 +152,14 @@ def test_malformed_expected_is_input_error(log: el.EventLog, doc: dict[str, Any]
         compare(doc, log)
 
 
-REALBOOT = DATA / "realboot-debian-minimal"
-
-
-def test_recorded_prediction_matches_recorded_real_boot() -> None:
-    """The default build's prediction against the real boot of that build (see NOTE.md)."""
-    expected = json.loads((REALBOOT / "measurements.json").read_text())
-    real = el.EventLog.parse((REALBOOT / "eventlog.bin").read_bytes())
+@pytest.mark.parametrize("name", ["realboot-debian-minimal", "realboot-sboff"])
+def test_recorded_prediction_matches_recorded_real_boot(name: str) -> None:
+    """A build's prediction against the real boot of that build (see NOTE.md)."""
+    realboot = DATA / name
+    expected = json.loads((realboot / "measurements.json").read_text())
+    real = el.EventLog.parse((realboot / "eventlog.bin").read_bytes())
     tpm: dict[str, dict[int, bytes]] = {}
-    for line in (REALBOOT / "pcrs.txt").read_text().splitlines():
+    for line in (realboot / "pcrs.txt").read_text().splitlines():
         bank, index, value = line.split()
         tpm.setdefault(bank, {})[int(index)] = bytes.fromhex(value)
     verdict = compare(expected, real, tpm)

@@ -271,3 +271,43 @@ def test_changing_the_db_key_moves_only_pcr7(log: el.EventLog) -> None:
     a = pr.make_measurements(platform, chain, base).pcrs["sha256"]
     b = pr.make_measurements(platform, chain, changed).pcrs["sha256"]
     assert {n for n in a if a[n] != b[n]} == {7}
+
+
+def test_insecure_platform_is_the_capture_of_the_sboff_boot() -> None:
+    real = el.EventLog.parse((DATA / "realboot-sboff" / "eventlog.bin").read_bytes())
+    shipped = load_platform("ovmf-2022.11-q35-insecure")
+    captured = capture_platform(real, shipped.name)
+    assert captured.log == shipped.log
+    assert shipped.chain == "systemd252-linux61-insecure"
+    assert shipped.identity["secure_boot"] is False
+    assert load_chain(shipped.chain).secure_boot is False
+
+
+def test_insecure_chain_rebuilds_the_sboff_boot() -> None:
+    """Chain events rebuilt from the Secure-Boot-off boot's own decoded data."""
+    real = el.EventLog.parse((DATA / "realboot-sboff" / "eventlog.bin").read_bytes())
+    platform = load_platform("ovmf-2022.11-q35-insecure")
+    apps = by_type(real, 4, el.EV_EFI_BOOT_SERVICES_APPLICATION)
+    loads = [ImageLoadEvent.parse(a.data) for a in apps]
+    pcr11 = by_type(real, 11, el.EV_IPL)
+    sections = {el.decode(pcr11[i]): digests(pcr11[i + 1]) for i in range(0, len(pcr11), 2)}
+    variables = {}
+    for e in by_type(real, 7, el.EV_EFI_VARIABLE_DRIVER_CONFIG):
+        var = VariableData.parse(e.data)
+        variables[var.name] = (var.guid, var.data)
+    assert variables["SecureBoot"][1] == b"\x00"
+    uki_path = loads[1].file_path
+    assert uki_path is not None
+    inputs = pr.ChainInputs(
+        bootloader=pr.ImageInput(digests(apps[0]), loads[0].length),
+        uki=pr.ImageInput(digests(apps[1]), loads[1].length, uki_path),
+        kernel=pr.ImageInput(digests(apps[2]), loads[2].length),
+        section_digests=sections,  # type: ignore[arg-type]
+        uki_cmdline=CMDLINE,
+        loader_cmdline=None,
+        gpt_event_data=by_type(real, 5, el.EV_EFI_GPT_EVENT)[0].data,
+        secureboot_variables=variables,
+        authority=None,
+    )
+    events = pr.predict_events(platform, load_chain(platform.chain), inputs, BANKS)
+    assert list(events) == [zero_location(e) for e in real.events]
