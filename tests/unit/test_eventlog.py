@@ -228,3 +228,37 @@ def test_hostile_input_is_a_clear_error(
         el.EventLog.parse(mutate(raw), source="bad.bin")
     assert "offset" in str(info.value)
     assert str(info.value).startswith("bad.bin")
+
+
+def test_cli_replay_and_show(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from builder.cli import main
+
+    assert main(["eventlog", "replay", str(LOG), "--bank", "sha256"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    txt = (DATA / "pcrs.txt").read_text().splitlines()
+    for pcr in (0, 1, 2, 3, 4, 5, 6, 7, 9, 11, 12):
+        assert f"sha256 {pcr} {read_pcrs_txt()['sha256'][pcr].hex().upper()}" in out
+    assert not any(line.startswith("sha256 10 ") for line in out)
+    assert len(txt) == 26
+    assert main(["eventlog", "show", str(LOG), "--cel"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert el.from_cel(records) == el.EventLog.parse(LOG.read_bytes()).events
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(LOG.read_bytes()[:100])
+    assert main(["eventlog", "show", str(bad)]) == 2
+    assert f"{bad}: " in capsys.readouterr().err
+
+
+def test_cli_platform_capture(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from builder.cli import main
+    from builder.measure.platform import load_platform
+
+    out = tmp_path / "p.yaml"
+    args = ["platform", "capture", "--from-eventlog", str(LOG), "mine", "--output", str(out)]
+    args += ["--machine-from", "ovmf-2022.11-q35-secboot", "--firmware", "OVMF x"]
+    assert main(args) == 0
+    mine = load_platform(str(out))
+    shipped = load_platform("ovmf-2022.11-q35-secboot")
+    assert (mine.log, mine.machine, mine.chain) == (shipped.log, shipped.machine, shipped.chain)
+    assert mine.identity == {"firmware": "OVMF x", "secure_boot": True}
+    assert mine.digest != shipped.digest
