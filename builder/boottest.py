@@ -195,7 +195,7 @@ class NegativeResult:
     duration: float
 
     def one_line(self) -> str:
-        state = "refused" if self.ok else "NOT REFUSED"
+        state = "rejected as it must be" if self.ok else "NOT REJECTED"
         return f"{self.name}: {state}: {self.detail}"
 
 
@@ -262,18 +262,15 @@ def make_negative_case(
 
 
 def edit_measurements(measurements: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of measurements.json with one digest changed: the first application's sha256."""
+    """A copy of measurements.json with one digest changed: the golden sha256 PCR 4."""
     edited: dict[str, Any] = copy.deepcopy(dict(measurements))
-    for event in edited.get("events", []):
-        if event.get("content", {}).get("event_type") != "EV_EFI_BOOT_SERVICES_APPLICATION":
-            continue
-        for digest in event.get("digests", []):
-            if digest.get("hashAlg") == "sha256":
-                value = bytearray(bytes.fromhex(digest["digest"]))
-                value[0] ^= 0x01
-                digest["digest"] = value.hex()
-                return edited
-    raise InputFileError("measurements.json has no EV_EFI_BOOT_SERVICES_APPLICATION to edit")
+    try:
+        value = bytearray(bytes.fromhex(edited["pcrs"]["sha256"]["4"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputFileError("measurements.json has no sha256 PCR 4 to edit") from exc
+    value[-1] ^= 0x01
+    edited["pcrs"]["sha256"]["4"] = value.hex()
+    return edited
 
 
 def check_edited_measurements(build: BuildDir) -> NegativeResult:

@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
         "--case",
         action="append",
         choices=[*boottest.NEGATIVE_CASES, boottest.EDITED_MEASUREMENTS],
-        help="run only this negative case (repeatable)",
+        help="run only this negative case (repeatable; skips the positive boot)",
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per boot")
     parser.add_argument(
@@ -42,7 +42,7 @@ def handler(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     out = Console()
     failed: list[str] = []
-    if not args.only_negative:
+    if not (args.only_negative or args.case):
         with console.status("booting: firmware") as status:
 
             def progress(phase: str, seconds: float) -> None:
