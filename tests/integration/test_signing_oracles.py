@@ -142,7 +142,8 @@ def signed_files(
 ) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("signed")
     out = {}
-    for name, data in (("boot", binaries.boot.read_bytes()), ("uki", uki)):
+    with_gap = uki + b"\x5a" * 13  # trailing data after the last section, odd length
+    for name, data in (("boot", binaries.boot.read_bytes()), ("uki", uki), ("uki-gap", with_gap)):
         path = folder / f"{name}.efi"
         path.write_bytes(sign_pe(data, keys.signer()))
         out[name] = path
@@ -222,7 +223,7 @@ def osslsigncode_verify(path: Path, ca: Path) -> subprocess.CompletedProcess[str
     return tool("osslsigncode", "verify", "-in", path, "-CAfile", ca, check=False)
 
 
-@pytest.mark.parametrize("name", ["boot", "uki"])
+@pytest.mark.parametrize("name", ["boot", "uki", "uki-gap"])
 def test_osslsigncode_accepts_and_computes_our_digest(
     signed_files: dict[str, Path], keys: Keys, name: str
 ) -> None:
@@ -244,7 +245,7 @@ def test_osslsigncode_rejects_another_ca(signed_files: dict[str, Path], keys: Ke
 # --- signatures against sbverify -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["boot", "uki"])
+@pytest.mark.parametrize("name", ["boot", "uki", "uki-gap"])
 @pytest.mark.parametrize("cert", ["db", "ca"])
 def test_sbverify_accepts(signed_files: dict[str, Path], keys: Keys, name: str, cert: str) -> None:
     pem = keys.db_pem if cert == "db" else keys.ca_pem
@@ -301,3 +302,19 @@ def test_verify_pe_cli_with_esl(tmp_path: Path, signed_files: dict[str, Path], k
     bad = bootchain("verify-pe", "--cert", keys.other_pem, signed_files["uki"], check=False)
     assert bad.returncode == 4, bad.stderr
     assert "not by a trusted certificate" in bad.stderr
+
+
+def test_inspect_cli_json(signed_files: dict[str, Path]) -> None:
+    import json
+
+    from tests.conftest import bootchain
+
+    report = json.loads(bootchain("inspect", "--json", signed_files["uki"]).stdout)
+    data = signed_files["uki"].read_bytes()
+    assert report["signed"] is True
+    assert report["authenticode_sha256"] == authenticode_digest(data).hex()
+    sections = {s["name"]: s for s in report["sections"]}
+    assert {".osrel", ".cmdline", ".initrd", ".linux"} <= set(sections)
+    initrd = read_uki_sections(data)[".initrd"]
+    assert sections[".initrd"]["virtual_size"] == len(initrd)
+    assert pesign_hash(signed_files["uki"]) == report["authenticode_sha256"]
