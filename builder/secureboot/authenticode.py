@@ -228,6 +228,8 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
         data = strip_signature(data)
         image = parse_pe(data)
     pad = -len(data) % WIN_CERT_ALIGN
+    mv = memoryview(data)
+    body = mv[image.size_of_headers :]
     der = make_signature(padded_digest(data, pad), signer)
     length = WIN_CERTIFICATE_HEADER + len(der)
     entry = struct.pack("<IHH", length, WIN_CERT_REVISION_2_0, WIN_CERT_TYPE_PKCS_SIGNED_DATA)
@@ -235,14 +237,13 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
     offset = len(data) + pad
     if offset + len(table) >= 1 << 32:
         raise InputFileError(f"PE image too large to sign ({offset} bytes)")
-    # Only the headers change: patch a copy of them, and build the CheckSum from the pieces
-    # so the 60 MB body is read once for the digest and once for the sum, never copied twice.
-    mv = memoryview(data)
+    # Only the headers change: patch a copy of them and build the CheckSum from the pieces,
+    # so the body is never copied but once, into the result.
     headers = bytearray(mv[: image.size_of_headers])
     struct.pack_into("<II", headers, image.cert_dir_offset, offset, len(table))
     struct.pack_into("<I", headers, image.checksum_offset, 0)
-    body = mv[image.size_of_headers :]
-    total = word_sum(headers) + word_sum(body, image.size_of_headers) + word_sum(table, offset)
+    body_sum = word_sum(body, image.size_of_headers)
+    total = word_sum(headers) + body_sum + word_sum(table, offset)
     struct.pack_into(
         "<I", headers, image.checksum_offset, checksum_from_sum(total, offset + len(table))
     )
