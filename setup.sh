@@ -11,6 +11,7 @@ DEBIAN_PACKAGES=(
   sbsigntool pesign osslsigncode             # independent Authenticode oracles
   tpm2-tools systemd                         # tpm2_eventlog, systemd-measure oracles
   softhsm2 opensc efitools                   # PKCS#11 signing tests, .auth/.esl oracles
+  kmod busybox-static                        # modinfo and busybox cpio oracles for the initrd
   faketime                                   # reproducibility check under another clock
   python3 python3-venv
 )

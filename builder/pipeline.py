@@ -29,10 +29,10 @@ from cryptography import x509
 from builder import __version__
 from builder.disk import DiskLayout, gpt_event_data, make_disk
 from builder.disk import Partition as DiskPartition
-from builder.errors import InputFileError, UserInputError
+from builder.errors import InputFileError, PinError, UserInputError
 from builder.fsutil import sha256_file, staging_dir, write_atomic
 from builder.initrd import CpioEntry, make_initrd
-from builder.inputs import DebPackage, fetch_package, read_deb
+from builder.inputs import DebPackage, Lock, check_lock, fetch_package, read_deb
 from builder.measure.chain import load_chain
 from builder.measure.platform import load_platform
 from builder.measure.predict import predict, write_measurements
@@ -75,6 +75,7 @@ class _Context:
     packages: dict[str, DebPackage]
     outputs: dict[str, Path]
     artifacts: list[dict[str, Any]]
+    lock: Lock | None = None
 
 
 def build(
@@ -91,12 +92,14 @@ def build(
     say = progress or (lambda _msg: None)
     say("load recipe")
     recipe = load_recipe(recipe_path, variables)
+    say("check lock")
+    lock = check_recipe_lock(recipe)
     keyset = load_keys(recipe, keys)
     signer = open_signer(signer_spec or f"file:{keyset.paths['db'].key}", keyset.paths["db"].crt)
     check_signer(signer, keyset)
     outdir = out_root / recipe.name / recipe.version
     with staging_dir(outdir) as stage:
-        ctx = _Context(recipe, keyset, signer, offline, stage, {}, {}, [])
+        ctx = _Context(recipe, keyset, signer, offline, stage, {}, {}, [], lock)
         _stage(say, "fetch inputs", fetch_inputs, ctx)
         _stage(say, "make initrd", make_initrd_stage, ctx)
         _stage(say, "make UKI", make_uki_stage, ctx)
@@ -116,6 +119,19 @@ def _stage(say: Progress, name: str, fn: Callable[[_Context], None], ctx: _Conte
 
 
 # --------------------------------------------------------------------------- stages
+
+
+def check_recipe_lock(recipe: Recipe) -> Lock | None:
+    """When the recipe has a lock file, it must match the pins and local files exactly."""
+    path = recipe.lock_file
+    if not path.exists():
+        return None
+    lock = Lock.from_json(path.read_bytes(), str(path))
+    try:
+        check_lock(lock, recipe.packages, recipe.locked_files)
+    except PinError as exc:
+        raise PinError(f"{path}: {exc.message}", hint=exc.hint) from None
+    return lock
 
 
 def load_keys(recipe: Recipe, override: Path | None) -> KeySet:
@@ -269,6 +285,18 @@ def esp_files(ctx: _Context) -> dict[str, bytes]:
     }
 
 
+def disk_seed(recipe: Recipe) -> bytes:
+    """What the disk and partition GUIDs and the FAT volume id derive from.
+
+    The image name and the disk layout only: the GPT is measured into PCR 5, and a new command
+    line, kernel or version must not move PCR 5 (fleet policies can keep it across releases).
+    """
+    layout = json.dumps(
+        {"name": recipe.name, "disk": recipe.data.get("disk", {})}, sort_keys=True
+    ).encode()
+    return hashlib.sha256(b"bootchain disk\0" + layout).digest()
+
+
 def make_disk_stage(ctx: _Context) -> None:
     recipe = ctx.recipe
     layout = DiskLayout(
@@ -289,7 +317,7 @@ def make_disk_stage(ctx: _Context) -> None:
         path,
         layout,
         esp_files(ctx),
-        seed=bytes.fromhex(recipe.digest),
+        seed=disk_seed(recipe),
         source_date_epoch=recipe.source_date_epoch,
     )
     ctx.outputs["disk.img"] = path
@@ -402,6 +430,7 @@ def write_build_json(ctx: _Context) -> None:
             "digest": recipe.digest,
             "variables": dict(sorted(recipe.variables.items())),
             "document": recipe.data,
+            "lock": ctx.lock.to_dict() if ctx.lock else None,
         },
         "source_date_epoch": recipe.source_date_epoch,
         "platform": recipe.platform,

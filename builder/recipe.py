@@ -108,6 +108,18 @@ class Recipe:
         return found
 
     @property
+    def locked_files(self) -> dict[str, Path]:
+        """The recipe, its bases and its local inputs, keyed by path relative to the recipe."""
+        base = self.path.parent
+        paths = [*self.files, *self.local_inputs.values()]
+        return {p.relative_to(base).as_posix(): p for p in paths}
+
+    @property
+    def lock_file(self) -> Path:
+        """``recipes/<name>.yaml`` -> ``recipes/<name>.lock.json``."""
+        return self.path.with_name(f"{self.path.name.removesuffix('.yaml')}.lock.json")
+
+    @property
     def uki_filename(self) -> str:
         return f"{self.name}-{self.version}.efi"
 

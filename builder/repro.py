@@ -72,7 +72,15 @@ def _digests(outdir: Path) -> dict[str, str]:
     }
 
 
-def _build(workdir: Path, recipe: Path, keys: Path, out: Path, variant: Variant) -> Path:
+def compare_outdirs(first: Path, second: Path) -> ReproReport:
+    """sha256 of every file of two build folders, side by side."""
+    a, b = _digests(first), _digests(second)
+    names = sorted(set(a) | set(b))
+    return ReproReport(tuple((n, a.get(n, "missing"), b.get(n, "missing")) for n in names))
+
+
+def build_variant(workdir: Path, recipe: Path, keys: Path, out: Path, variant: Variant) -> Path:
+    """Build ``recipe`` in a subprocess under ``variant``'s conditions; returns OUTDIR."""
     code = (
         "import os, sys; os.umask(int(os.environ['BOOTCHAIN_UMASK'], 8)); "
         "from builder.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -93,20 +101,18 @@ def check_reproducible(recipe: Path, keys: Path) -> ReproReport:
     keys = keys.resolve()
     with tempfile.TemporaryDirectory(prefix="bootchain-repro-") as tmp:
         root = Path(tmp)
-        first = _build(Path.cwd(), recipe, keys, root / "out-a", VARIANTS[0])
+        first = build_variant(Path.cwd(), recipe, keys, root / "out-a", VARIANTS[0])
         elsewhere = root / "elsewhere" / "project"
         shutil.copytree(recipe.parent, elsewhere / "recipes")
         shutil.copytree(keys, elsewhere / "my-keys")
-        second = _build(
+        second = build_variant(
             elsewhere,
             elsewhere / "recipes" / recipe.name,
             elsewhere / "my-keys",
             root / "out-b",
             VARIANTS[1],
         )
-        a, b = _digests(first), _digests(second)
-        names = sorted(set(a) | set(b))
-        report = ReproReport(tuple((n, a.get(n, "missing"), b.get(n, "missing")) for n in names))
+        report = compare_outdirs(first, second)
     if not report.equal:
         differing = [n for n, x, y in report.digests if x != y]
         raise VerificationError(

@@ -7,23 +7,12 @@ newest ABI) and rewritten in the recipe source where they are written.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 from builder.errors import UserInputError
 from builder.fsutil import write_atomic
-from builder.inputs import Lock, lock_path, make_lock, update_pins
-
-
-def _variables(items: list[str]) -> dict[str, str]:
-    found: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserInputError(f"--set {item!r}: expected KEY=VALUE")
-        found[key] = value
-    return found
+from builder.inputs import Lock, make_lock, update_pins
 
 
 def register(subparsers: Any) -> None:
@@ -42,11 +31,11 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
-    from builder.recipe import load_recipe
+    from builder.recipe import load_recipe, parse_variables
 
     if args.update and args.offline:
         raise UserInputError("--update needs the mirror: drop --offline")
-    variables = _variables(args.variables)
+    variables = parse_variables(args.variables)
     recipe = load_recipe(args.recipe, variables)
     if args.update:
         changes = update_pins(recipe.files, recipe.packages)
@@ -55,16 +44,9 @@ def handle(args: argparse.Namespace) -> int:
         if not changes:
             print("all pins are current")
         recipe = load_recipe(args.recipe, variables)
-    base = args.recipe.resolve().parent
-    files = {_relative(p, base): p for p in recipe.files}
-    files.update({_relative(p, base): p for p in recipe.local_inputs.values()})
-    target = lock_path(args.recipe)
+    target = recipe.lock_file
     previous = Lock.from_json(target.read_bytes(), str(target)) if target.exists() else None
-    lock = make_lock(recipe.packages, files, offline=args.offline, previous=previous)
+    lock = make_lock(recipe.packages, recipe.locked_files, offline=args.offline, previous=previous)
     write_atomic(target, lock.to_json())
     print(f"wrote {target}")
     return 0
-
-
-def _relative(path: Path, base: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), base)).as_posix()

@@ -58,9 +58,23 @@ def assert_one_line_failure(proc: object, out: Path, pattern: str) -> None:
 
 @pytest.fixture
 def recipe_copy(tmp_path: Path) -> Path:
+    """A copy of the recipes without lock files, so each test meets the error it is about."""
     dest = tmp_path / "recipes"
     shutil.copytree(RECIPES, dest)
+    for lock in dest.glob("*.lock.json"):
+        lock.unlink()
     return dest / "debian-minimal.yaml"
+
+
+def test_stale_lock_is_refused(tmp_path: Path) -> None:
+    dest = tmp_path / "recipes"
+    shutil.copytree(RECIPES, dest)
+    (dest / "files" / "os-release").write_text("NAME=changed\n")
+    out = tmp_path / "out"
+    proc = bootchain("build", dest / "debian-minimal.yaml", "--out", out, check=False)
+    assert_one_line_failure(
+        proc, out, r"debian-minimal\.lock\.json: local input files/os-release changed"
+    )
 
 
 def _repin(recipe: Path, role: str, *, name: str, version: str, sha256: str) -> None:
@@ -76,16 +90,18 @@ def _repin(recipe: Path, role: str, *, name: str, version: str, sha256: str) -> 
 @pytest.mark.network
 def test_wrong_package_sha256(recipe_copy: Path, tmp_path: Path) -> None:
     busybox = load_recipe(recipe_copy).packages["busybox"]
-    _repin(recipe_copy, "busybox", name=busybox.name, version=busybox.version, sha256="0" * 64)
+    _repin(recipe_copy, "busybox", name=busybox.name, version=busybox.version, sha256="ab" * 32)
     out = tmp_path / "out"
     env = {**os.environ, "BOOTCHAIN_CACHE": str(tmp_path / "cache")}
     proc = bootchain("build", recipe_copy, "--out", out, check=False, env=env)
-    assert_one_line_failure(proc, out, r"busybox-static.*sha256.*0{64}|0{64}.*busybox-static")
+    assert_one_line_failure(proc, out, r"busybox-static.*(ab){32}|(ab){32}.*busybox-static")
 
 
 @pytest.mark.network
 def test_package_apt_cannot_find(recipe_copy: Path, tmp_path: Path) -> None:
-    _repin(recipe_copy, "busybox", name="bootchain-no-such-package", version="1.0", sha256="1" * 64)
+    _repin(
+        recipe_copy, "busybox", name="bootchain-no-such-package", version="1.0", sha256="cd" * 32
+    )
     out = tmp_path / "out"
     env = {**os.environ, "BOOTCHAIN_CACHE": str(tmp_path / "cache")}
     proc = bootchain("build", recipe_copy, "--out", out, check=False, env=env)
