@@ -31,11 +31,10 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        Path(tmp).chmod(mode)
+        Path(tmp).replace(path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -60,8 +59,8 @@ def staging_dir(final: Path) -> Iterator[Path]:
     if final.exists():
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(stage, final)
+        final.replace(old)
+        stage.replace(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(stage, final)
+        stage.replace(final)

@@ -89,7 +89,7 @@ def run(
     argv: Sequence[str | os.PathLike[str]],
     *,
     cwd: str | os.PathLike[str] | None = None,
-    input: bytes | None = None,  # noqa: A002 - mirrors subprocess.run
+    input: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     env: Mapping[str, str] | None = None,
     source_date_epoch: int | None = None,
