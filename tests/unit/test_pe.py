@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import struct
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from builder.pe import (
     is_signed,
     parse_pe,
     pe_checksum,
+    word_sum,
 )
 
 DATA = Path(__file__).parent.parent / "data" / "pe"
@@ -167,3 +169,29 @@ def test_mutated_headers_parse_or_raise_input_file_error(edits: list[tuple[int, 
 def test_every_truncation_fails_closed(length: int) -> None:
     with pytest.raises(InputFileError):
         authenticode_digest(load("plain.efi")[:length])
+
+
+def _reference_checksum(data: bytes, field: int) -> int:
+    """The textbook loop: 16-bit words with end-around carry, CheckSum counted as 0, + size."""
+    padded = data + b"\0" * (len(data) % 2)
+    total = 0
+    for i in range(0, len(padded), 2):
+        word = 0 if field <= i < field + 4 else padded[i] | padded[i + 1] << 8
+        total += word
+        total = (total & 0xFFFF) + (total >> 16)
+    return total + len(data)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 3 * 65536 + 7), st.randoms(use_true_random=False))
+def test_checksum_matches_the_textbook_loop(extra: int, rng: random.Random) -> None:
+    data = load("plain.efi") + rng.randbytes(extra)
+    field = parse_pe(data).checksum_offset
+    assert pe_checksum(data) == _reference_checksum(data, field)
+
+
+@pytest.mark.parametrize("split", [1, 2, 3, 0x401, 65536 + 1])
+def test_word_sums_of_pieces_add_up(split: int) -> None:
+    data = load("trailing-odd.efi") + bytes(range(256)) * 300
+    whole = word_sum(data)
+    assert (word_sum(data[:split]) + word_sum(data[split:], split)) % 0xFFFF == whole
