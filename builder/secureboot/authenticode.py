@@ -132,9 +132,11 @@ def _tlv(der: bytes, pos: int, where: str) -> tuple[int, int, int]:
 def _issuer_and_serial(cert: bytes, where: str) -> bytes:
     """IssuerAndSerialNumber with the certificate's own issuer and serial encodings."""
     try:
-        cx509.load_der_x509_certificate(cert)
-    except (ValueError, cx509.InvalidVersion) as exc:
+        public_key = cx509.load_der_x509_certificate(cert).public_key()
+    except (ValueError, cx509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise InputFileError(f"{where}: certificate is not DER X.509: {exc}") from exc
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        raise InputFileError(f"{where}: certificate key is not RSA (Authenticode here is RSA)")
     _, tbs, _ = _tlv(cert, 0, where)  # Certificate
     _, pos, _ = _tlv(cert, tbs, where)  # TBSCertificate
     tag, _, end = _tlv(cert, pos, where)

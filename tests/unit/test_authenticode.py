@@ -301,7 +301,7 @@ def test_truncated_certificate_table_fails_closed(signed: bytes, db: KeyPair) ->
             verify_pe(bytes(short), [db.der])
 
 
-def test_non_rsa_signer_certificate_is_unsupported(db: KeyPair) -> None:
+def test_non_rsa_signer_is_refused() -> None:
     ec_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ec")])
     start = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
@@ -323,9 +323,18 @@ def test_non_rsa_signer_certificate_is_unsupported(db: KeyPair) -> None:
         def sign(self, data: bytes) -> bytes:
             return ec_key.sign(data, ec.ECDSA(hashes.SHA256()))
 
-    out = sign_pe((DATA / "plain.efi").read_bytes(), ECSigner())
-    with pytest.raises(VerificationError, match="unsupported"):
-        verify_pe(out, [cert.public_bytes(DER)])
+    with pytest.raises(InputFileError, match="not RSA"):
+        sign_pe((DATA / "plain.efi").read_bytes(), ECSigner())
+
+
+def test_signer_certificate_must_be_der(db: KeyPair) -> None:
+    class BadSigner(FileSigner):
+        @property
+        def certificate(self) -> bytes:
+            return b"\x30\x03\x02\x01\x01"
+
+    with pytest.raises(InputFileError, match=r"not DER X\.509"):
+        sign_pe((DATA / "plain.efi").read_bytes(), BadSigner(db))
 
 
 def _esl(certs: list[bytes], sig_type: uuid.UUID = EFI_CERT_X509_GUID) -> bytes:
