@@ -89,7 +89,7 @@ class LocalStore(Store):
         return hashlib.sha256(data).hexdigest()
 
     def list_keys(self, prefix: str) -> list[str]:
-        base = self._path(prefix.rstrip("/"))
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         if not base.is_dir():
             return []
         return sorted(

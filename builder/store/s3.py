@@ -141,7 +141,9 @@ class S3Store(Store):
 
         return self._call("GET", key, fetch)
 
-    def _put(self, key: str, data: bytes, **cond: str) -> str:
+    def _put(
+        self, key: str, data: bytes, content_type: str = "application/json", **cond: str
+    ) -> str:
         resp = self._call(
             "PUT",
             key,
@@ -150,7 +152,7 @@ class S3Store(Store):
                 Key=self._key(key),
                 Body=data,
                 ChecksumSHA256=_b64sha256(data),
-                ContentType="application/json",
+                ContentType=content_type,
                 **cond,  # type: ignore[arg-type]
             ),
         )
@@ -211,8 +213,8 @@ class S3Store(Store):
             data = path.read_bytes()
             if hashlib.sha256(data).hexdigest() != digest:
                 raise VerificationError(f"{path}: sha256 differs from build.json ({digest})")
-            with contextlib.suppress(ConflictError):  # someone stored the same bytes already
-                self._put(key, data)
+            # Unconditional: same digest, same bytes; this also repairs a damaged blob.
+            self._put(key, data, "application/octet-stream")
             if progress:
                 progress(len(data))
             return
@@ -226,7 +228,10 @@ class S3Store(Store):
             "create multipart upload",
             key,
             lambda: self.client.create_multipart_upload(
-                Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256"
+                Bucket=self.bucket,
+                Key=full,
+                ChecksumAlgorithm="SHA256",
+                ContentType="application/octet-stream",
             ),
         )
         upload_id = upload["UploadId"]
@@ -272,28 +277,20 @@ class S3Store(Store):
                 parts = list(pool.map(send, range(1, count + 1)))
             if whole.hexdigest() != digest:
                 raise VerificationError(f"{path}: sha256 differs from build.json ({digest})")
-            try:
-                self._call(
-                    "complete multipart upload",
-                    key,
-                    lambda: self.client.complete_multipart_upload(
-                        Bucket=self.bucket,
-                        Key=full,
-                        UploadId=upload_id,
-                        MultipartUpload={"Parts": parts},
-                        IfNoneMatch="*",
-                    ),
-                )
-            except ConflictError:
-                pass  # the same content-addressed blob landed meanwhile
-            else:
-                return
+            self._call(
+                "complete multipart upload",
+                key,
+                lambda: self.client.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                ),
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
             raise
-        with contextlib.suppress(Exception):
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
 
     def iter_blob(self, digest: str) -> Iterator[bytes]:
         key = blob_key(digest)
