@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.dsse import Trust
-from builder.errors import StoreError, VerificationError
+from builder.errors import InputFileError, StoreError, VerificationError
 from builder.fsutil import write_atomic
 from builder.manifest import ChannelPointer, Manifest, ReleaseIndex, version_key
 from builder.store.base import (
@@ -54,10 +54,24 @@ class RollbackState:
         with self.path.with_suffix(".lock").open("a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
-                seen = json.loads(self.path.read_bytes()) if self.path.exists() else {}
+                seen = self._read()
                 yield seen
             finally:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, dict[str, object]]:
+        if not self.path.exists():
+            return {}
+        try:
+            seen = json.loads(self.path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InputFileError(
+                f"{self.path}: rollback state is not JSON ({exc})",
+                hint="restore it from a backup; deleting it drops rollback protection",
+            ) from exc
+        if not isinstance(seen, dict) or not all(isinstance(v, dict) for v in seen.values()):
+            raise InputFileError(f"{self.path}: rollback state is not an object of channels")
+        return seen
 
     @staticmethod
     def _slot(url: str, name: str, channel: str) -> str:

@@ -28,7 +28,7 @@ class LocalStore(Store):
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.url = os.fspath(root)
+        self.url = os.fspath(root.absolute())
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from builder.dsse import Trust, load_trust
-from builder.errors import ConflictError, StoreError, VerificationError
+from builder.errors import ConflictError, InputFileError, StoreError, VerificationError
 from builder.publish import publish
 from builder.store.base import blob_key, channel_key, index_key, manifest_key, open_store
 from builder.store.fetch import RollbackState, fetch, fetch_index
@@ -264,3 +264,12 @@ def test_republishing_with_an_ecdsa_key_is_a_no_op_too(tmp_path: Path) -> None:
     got = fetch(store, NAME, "stable", load_trust(trust_path), tmp_path / "got",
                 state=RollbackState(tmp_path / "state"))  # fmt: skip
     assert got.pointer.sequence == 1
+
+
+def test_a_corrupt_rollback_state_is_an_error_not_a_reset(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    publish(make_outdir(tmp_path / "o"), store, key, "stable")
+    state.path.parent.mkdir(parents=True, exist_ok=True)
+    state.path.write_text("{")
+    with pytest.raises(InputFileError, match="rollback state is not JSON"):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
