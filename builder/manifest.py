@@ -33,7 +33,7 @@ from builder.dsse import (
     sign_envelope,
     verify_envelope_bytes,
 )
-from builder.errors import InputFileError, VerificationError
+from builder.errors import InputFileError, UserInputError, VerificationError
 
 __all__ = [
     "CHANNEL_PAYLOAD_TYPE",
@@ -45,6 +45,7 @@ __all__ = [
     "Manifest",
     "ReleaseIndex",
     "SecureBootInfo",
+    "check_name",
     "generate_release_key",
     "load_release_key",
     "load_trust",
@@ -109,6 +110,16 @@ def _name(doc: Mapping[str, Any], key: str, where: str) -> str:
     if not _NAME.fullmatch(value) or ".." in value:
         raise _SchemaError(f"{where}.{key}: {value!r} is not a safe name")
     return str(value)
+
+
+def check_name(value: str, what: str) -> str:
+    """``value`` if it is a safe release name, version or channel; UserInputError otherwise."""
+    if not _NAME.fullmatch(value) or ".." in value:
+        raise UserInputError(
+            f"{what} {value!r} is not a safe name",
+            hint="use letters, digits and . _ + - (starting with a letter or digit)",
+        )
+    return value
 
 
 def _relpath(doc: Mapping[str, Any], key: str, where: str) -> str:

@@ -24,6 +24,7 @@ from builder.manifest import (
     IndexEntry,
     Manifest,
     ReleaseIndex,
+    check_name,
     load_json_file,
     manifest_from_build,
     version_key,
@@ -115,6 +116,8 @@ def publish(
     retries: int = CAS_RETRIES,
 ) -> PublishResult:
     """Publish the build in ``outdir`` to ``store`` and move ``channel`` to it (if newer)."""
+    if channel is not None:
+        check_name(channel, "channel")
     manifest = manifest_from_build(outdir)
     if manifest.secure_boot.example_keys and not store.is_local and not allow_example_keys:
         raise UserInputError(

@@ -9,6 +9,7 @@ from typing import Any
 
 from builder.commands.publish import DEFAULT_STORE
 from builder.errors import InputFileError, VerificationError
+from builder.measure.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION, EventLog
 
 
 def register(subparsers: Any) -> None:
@@ -31,10 +32,8 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=handler)
 
 
-def boot_application_digests(log: Any) -> list[str]:
+def boot_application_digests(log: EventLog) -> list[str]:
     """Hex sha256 digests of the PCR 4 EV_EFI_BOOT_SERVICES_APPLICATION events, in order."""
-    from builder.measure.eventlog import EV_EFI_BOOT_SERVICES_APPLICATION
-
     found = []
     for event in log.events:
         if event.pcr == 4 and event.event_type == EV_EFI_BOOT_SERVICES_APPLICATION:
@@ -47,7 +46,6 @@ def boot_application_digests(log: Any) -> list[str]:
 
 def handler(args: argparse.Namespace) -> int:
     from builder.dsse import load_trust
-    from builder.measure.eventlog import EventLog
     from builder.store.base import open_store
     from builder.store.fetch import fetch_index, list_names
 

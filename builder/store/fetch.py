@@ -21,7 +21,7 @@ from pathlib import Path
 from builder.dsse import Trust
 from builder.errors import InputFileError, StoreError, VerificationError
 from builder.fsutil import write_atomic
-from builder.manifest import ChannelPointer, Manifest, ReleaseIndex, version_key
+from builder.manifest import ChannelPointer, Manifest, ReleaseIndex, check_name, version_key
 from builder.store.base import (
     Progress,
     Store,
@@ -118,7 +118,7 @@ class FetchResult:
 
 def fetch_pointer(store: Store, name: str, channel: str, trust: Trust) -> ChannelPointer:
     """The verified channel pointer for ``name``/``channel``."""
-    key = channel_key(name, channel)
+    key = channel_key(check_name(name, "release name"), check_name(channel, "channel"))
     obj = store.get(key)
     if obj is None:
         raise StoreError(f"{store.url}/{key}: no channel {channel!r} for {name!r}")
@@ -134,7 +134,7 @@ def fetch_manifest(
     store: Store, name: str, version: str, trust: Trust, manifest_sha256: str | None
 ) -> tuple[Manifest, bytes]:
     """The verified manifest of a release and its envelope bytes."""
-    key = manifest_key(name, version)
+    key = manifest_key(check_name(name, "release name"), check_name(version, "version"))
     obj = store.get(key)
     if obj is None:
         raise StoreError(f"{store.url}/{key}: no such release")
@@ -163,7 +163,7 @@ def list_names(store: Store) -> list[str]:
 
 def fetch_index(store: Store, name: str, trust: Trust) -> ReleaseIndex:
     """The verified release index of ``name``."""
-    key = index_key(name)
+    key = index_key(check_name(name, "release name"))
     obj = store.get(key)
     if obj is None:
         raise StoreError(f"{store.url}/{key}: no releases of {name!r}")

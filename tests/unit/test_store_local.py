@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from builder.dsse import Trust, load_trust
-from builder.errors import ConflictError, InputFileError, StoreError, VerificationError
+from builder.errors import (
+    ConflictError,
+    InputFileError,
+    StoreError,
+    UserInputError,
+    VerificationError,
+)
 from builder.publish import publish
 from builder.store.base import blob_key, channel_key, index_key, manifest_key, open_store
 from builder.store.fetch import RollbackState, fetch, fetch_index
@@ -273,3 +279,12 @@ def test_a_corrupt_rollback_state_is_an_error_not_a_reset(env, tmp_path: Path) -
     state.path.write_text("{")
     with pytest.raises(InputFileError, match="rollback state is not JSON"):
         fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+
+
+@pytest.mark.parametrize("channel", ["../x", "a/b", "", ".hidden"])
+def test_unsafe_channel_names_are_refused(env, tmp_path: Path, channel: str) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    with pytest.raises(UserInputError, match="not a safe name"):
+        publish(make_outdir(tmp_path / "o"), store, key, channel)
+    with pytest.raises(UserInputError, match="not a safe name"):
+        fetch(store, NAME, channel, trust, tmp_path / "got", state=state)
