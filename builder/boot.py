@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Protocol
+from typing import Protocol
 
 from builder.errors import BootError, UserInputError
 from builder.run import find_tool, tool_env
@@ -101,14 +101,15 @@ DEFAULT_MACHINE = Machine()
 
 
 def load_machine(platform: str | None) -> MachineSpec:
-    """The machine of platform reference ``platform`` (builder.measure.platform), or default."""
+    """The machine of platform reference ``platform`` (qemu/platforms), or the default."""
     if platform is None:
         return DEFAULT_MACHINE
-    from builder.measure import platform as platform_module  # another engineer's module
+    from builder.measure.platform import load_platform
 
-    loaded: Any = platform_module.load_platform(platform)  # type: ignore[attr-defined,unused-ignore]
-    spec: MachineSpec = loaded.machine
-    return spec
+    machine = load_platform(platform).machine
+    if machine is None:
+        raise UserInputError(f"platform {platform} has no machine definition to boot")
+    return machine
 
 
 @dataclass(frozen=True)

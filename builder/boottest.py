@@ -112,6 +112,34 @@ class BootTestResult:
     report_path: Path
 
 
+def boot_build(
+    build: BuildDir,
+    *,
+    serial_log: Path,
+    timeout: float = 300.0,
+    firmware_code: Path | None = None,
+    offline: bool = False,
+    progress: harness.Progress | None = None,
+) -> tuple[harness.BootResult, harness.ProbeReport]:
+    """Boot a build to its probe (for boot-test and platform capture); refusal = error."""
+    with tempfile.TemporaryDirectory(prefix="bootchain-fw-") as tmp:
+        code = firmware_code or firmware_files(build, Path(tmp), offline=offline)[0]
+        result = harness.boot(
+            build.path / "disk.img",
+            build.path / "ovmf-vars.fd",
+            build.machine,
+            firmware_code=code,
+            timeout=timeout,
+            serial_log=serial_log,
+            progress=progress,
+        )
+    if result.outcome == "refused":
+        raise VerificationError(
+            f"firmware refused the build: {result.refusal}", hint=str(serial_log)
+        )
+    return result, harness.parse_probe(result.serial_text)
+
+
 def run_boot_test(
     outdir: Path,
     *,
@@ -128,20 +156,14 @@ def run_boot_test(
     """
     build = load_build(outdir)
     serial = outdir / "boot-serial.log"
-    with tempfile.TemporaryDirectory(prefix="bootchain-fw-") as tmp:
-        code = firmware_code or firmware_files(build, Path(tmp), offline=offline)[0]
-        result = harness.boot(
-            outdir / "disk.img",
-            outdir / "ovmf-vars.fd",
-            build.machine,
-            firmware_code=code,
-            timeout=timeout,
-            serial_log=serial,
-            progress=progress,
-        )
-    if result.outcome == "refused":
-        raise VerificationError(f"firmware refused the build: {result.refusal}", hint=str(serial))
-    probe = harness.parse_probe(result.serial_text)
+    result, probe = boot_build(
+        build,
+        serial_log=serial,
+        timeout=timeout,
+        firmware_code=firmware_code,
+        offline=offline,
+        progress=progress,
+    )
     write_atomic(outdir / "boot-eventlog.bin", probe.event_log)
     verdict = compare(build.measurements, EventLog.parse(probe.event_log), probe.pcrs)
     report = {
