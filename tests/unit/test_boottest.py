@@ -1,0 +1,58 @@
+"""boot-test helpers that need no boot: measurement editing, case names, UKI byte flips."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from builder import boottest
+from builder.errors import InputFileError, UserInputError
+
+MEASUREMENTS = {
+    "schema": "bootchain.measurements/v1",
+    "pcrs": {"sha256": {"4": "00" * 32, "7": "11" * 32}, "sha1": {"4": "22" * 20}},
+    "events": [],
+}
+
+
+def test_edit_measurements_changes_exactly_one_digest() -> None:
+    before = copy.deepcopy(MEASUREMENTS)
+    edited = boottest.edit_measurements(MEASUREMENTS)
+    assert before == MEASUREMENTS  # the input is not touched
+    assert edited["pcrs"]["sha256"]["4"] == "00" * 31 + "01"
+    edited["pcrs"]["sha256"]["4"] = "00" * 32
+    assert edited == MEASUREMENTS
+
+
+def test_edit_measurements_needs_pcr4() -> None:
+    with pytest.raises(InputFileError, match="PCR 4"):
+        boottest.edit_measurements({"pcrs": {}})
+
+
+def test_load_build_names_the_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match=r"build\.json not found"):
+        boottest.load_build(tmp_path)
+
+
+def test_flip_section_needs_the_section() -> None:
+    from tests.boot.efiapp import tiny_efi_app
+
+    app = tiny_efi_app()
+    flipped = boottest._flip_section(app, ".text")
+    assert len(flipped) == len(app)
+    assert sum(a != b for a, b in zip(app, flipped, strict=True)) == 1
+    with pytest.raises(InputFileError, match=r"\.linux"):
+        boottest._flip_section(app, ".linux")
+
+
+def test_negative_case_names() -> None:
+    assert set(boottest.NEGATIVE_CASES) == {
+        "uki-linux-byte",
+        "uki-initrd-byte",
+        "uki-cmdline-byte",
+        "uki-foreign-key",
+        "bootloader-unsigned",
+        "varstore-foreign-db",
+    }
