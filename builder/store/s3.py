@@ -12,10 +12,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import itertools
 import os
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -235,24 +236,8 @@ class S3Store(Store):
             ),
         )
         upload_id = upload["UploadId"]
-        whole = hashlib.sha256()
-        order_lock = threading.Lock()
-        next_to_hash = [1]
-        pending: dict[int, bytes] = {}
 
-        def feed_whole(number: int, data: bytes) -> None:
-            # Parts finish out of order; hash them in file order for the whole-file digest.
-            with order_lock:
-                pending[number] = data
-                while next_to_hash[0] in pending:
-                    whole.update(pending.pop(next_to_hash[0]))
-                    next_to_hash[0] += 1
-
-        def send(number: int) -> CompletedPartTypeDef:
-            offset = (number - 1) * self.part_size
-            with path.open("rb") as f:
-                f.seek(offset)
-                data = f.read(min(self.part_size, size - offset))
+        def send(number: int, data: bytes) -> CompletedPartTypeDef:
             checksum = _b64sha256(data)
             resp = self._call(
                 f"upload part {number}",
@@ -266,15 +251,29 @@ class S3Store(Store):
                     ChecksumSHA256=checksum,
                 ),
             )
-            feed_whole(number, data)
             if progress:
                 progress(len(data))
             return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": checksum}
 
-        count = (size + self.part_size - 1) // self.part_size
+        # One reader hashes the file in order and feeds the uploaders; at most workers + 1
+        # parts are in memory. What is hashed is exactly what is sent.
+        whole = hashlib.sha256()
+        slots = threading.BoundedSemaphore(self.workers + 1)
+        futures: list[Future[CompletedPartTypeDef]] = []
         try:
-            with ThreadPoolExecutor(max_workers=self.workers) as pool:
-                parts = list(pool.map(send, range(1, count + 1)))
+            with ThreadPoolExecutor(max_workers=self.workers) as pool, path.open("rb") as f:
+                for number in itertools.count(1):
+                    if any(fu.done() and fu.exception() for fu in futures):
+                        break  # a part failed: stop reading, report it below
+                    data = f.read(self.part_size)
+                    if not data:
+                        break
+                    whole.update(data)
+                    slots.acquire()
+                    future = pool.submit(send, number, data)
+                    future.add_done_callback(lambda _: slots.release())
+                    futures.append(future)
+            parts = [fu.result() for fu in futures]
             if whole.hexdigest() != digest:
                 raise VerificationError(f"{path}: sha256 differs from build.json ({digest})")
             self._call(
