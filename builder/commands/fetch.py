@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from builder.commands.publish import DEFAULT_STORE, progress_bar
+from builder.dsse import load_trust
+from builder.errors import StoreError
+from builder.store.base import open_store
+from builder.store.fetch import fetch, fetch_index, fetch_manifest, fetch_pointer, fetch_version
 
 
 def register(subparsers: Any) -> None:
@@ -21,7 +25,11 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--store", default=DEFAULT_STORE, metavar="URL", help="s3://bucket/prefix or a folder"
     )
-    parser.add_argument("--channel", required=True, metavar="C")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--channel", metavar="C", help="the release a channel points to")
+    which.add_argument(
+        "--version", metavar="V", help="one pinned release (listed in the signed index)"
+    )
     parser.add_argument(
         "--trust", type=Path, required=True, metavar="TRUSTFILE",
         help="JSON list of accepted release keys, or one PEM public key",
@@ -32,35 +40,40 @@ def register(subparsers: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from builder.dsse import load_trust
-    from builder.store.base import open_store
-    from builder.store.fetch import fetch, fetch_manifest, fetch_pointer
-
     store = open_store(args.store)
     trust = load_trust(args.trust)
-    total = 0
-    if args.artifacts:  # size the progress bar from the verified manifest
+    # Resolve and verify the manifest first, so the progress bar knows the total.
+    if args.version is not None:
+        entry = fetch_index(store, args.name, trust).entry(args.version)
+        if entry is None:
+            raise StoreError(f"{store.url}: no release {args.version!r} of {args.name!r}")
+        expected = entry.manifest_sha256
+        version = args.version
+    else:
         pointer = fetch_pointer(store, args.name, args.channel, trust)
-        manifest, _ = fetch_manifest(
-            store, args.name, pointer.version, trust, pointer.manifest_sha256
-        )
-        total = sum(a.size for a in manifest.artifacts)
+        expected, version = pointer.manifest_sha256, pointer.version
+    manifest, _ = fetch_manifest(store, args.name, version, trust, expected)
+    total = sum(a.size for a in manifest.artifacts) if args.artifacts else 0
     with progress_bar(total, "fetch") as progress:
-        result = fetch(
-            store,
-            args.name,
-            args.channel,
-            trust,
-            args.out,
-            artifacts=args.artifacts,
-            progress=progress if args.artifacts else None,
-        )
-    m = result.manifest
-    print(
-        f"{m.name} {m.version} (channel {args.channel}, sequence {result.pointer.sequence}) "
-        "verified"
-    )
-    print(f"  manifest {result.manifest_path}")
-    for path in result.artifacts:
+        if args.version is not None:
+            manifest, manifest_path, written = fetch_version(
+                store, args.name, args.version, trust, args.out,
+                artifacts=args.artifacts, progress=progress,
+            )  # fmt: skip
+            what = ""
+        else:
+            result = fetch(
+                store, args.name, args.channel, trust, args.out,
+                artifacts=args.artifacts, progress=progress,
+            )  # fmt: skip
+            manifest, manifest_path, written = (
+                result.manifest,
+                result.manifest_path,
+                result.artifacts,
+            )
+            what = f" (channel {args.channel}, sequence {result.pointer.sequence})"
+    print(f"{manifest.name} {manifest.version}{what} verified")
+    print(f"  manifest {manifest_path}")
+    for path in written:
         print(f"  {path}")
     return 0

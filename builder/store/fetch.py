@@ -191,6 +191,38 @@ def fetch(
     manifest, envelope = fetch_manifest(
         store, name, pointer.version, trust, pointer.manifest_sha256
     )
+    manifest_path, written = _write_release(store, manifest, envelope, out, artifacts, progress)
+    state.remember(store.url, pointer)
+    return FetchResult(manifest, pointer, manifest_path, written)
+
+
+def fetch_version(
+    store: Store,
+    name: str,
+    version: str,
+    trust: Trust,
+    out: Path,
+    *,
+    artifacts: bool = False,
+    progress: Progress | None = None,
+) -> tuple[Manifest, Path, tuple[Path, ...]]:
+    """Verify and download one pinned release; the signed index must list its manifest."""
+    entry = fetch_index(store, name, trust).entry(version)
+    if entry is None:
+        raise StoreError(f"{store.url}/{index_key(name)}: no release {version!r} of {name!r}")
+    manifest, envelope = fetch_manifest(store, name, version, trust, entry.manifest_sha256)
+    manifest_path, written = _write_release(store, manifest, envelope, out, artifacts, progress)
+    return manifest, manifest_path, written
+
+
+def _write_release(
+    store: Store,
+    manifest: Manifest,
+    envelope: bytes,
+    out: Path,
+    artifacts: bool,
+    progress: Progress | None,
+) -> tuple[Path, tuple[Path, ...]]:
     written: list[Path] = []
     if artifacts:
         for art in manifest.artifacts:
@@ -199,5 +231,4 @@ def fetch(
             written.append(dest)
     manifest_path = out / MANIFEST_FILE
     write_atomic(manifest_path, envelope)
-    state.remember(store.url, pointer)
-    return FetchResult(manifest, pointer, manifest_path, tuple(written))
+    return manifest_path, tuple(written)

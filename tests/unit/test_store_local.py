@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from builder import cli
 from builder.dsse import Trust, load_trust
 from builder.errors import (
     ConflictError,
@@ -288,3 +289,19 @@ def test_unsafe_channel_names_are_refused(env, tmp_path: Path, channel: str) -> 
         publish(make_outdir(tmp_path / "o"), store, key, channel)
     with pytest.raises(UserInputError, match="not a safe name"):
         fetch(store, NAME, channel, trust, tmp_path / "got", state=state)
+
+
+def test_fetch_a_pinned_version_through_the_signed_index(env, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    store, key, _, _ = env
+    for version in ("1.0.0", "1.0.1"):
+        publish(make_outdir(tmp_path / "o", version), store, key, "stable")
+    trust_file = tmp_path / "keys" / "trust.json"
+    argv = ["fetch", NAME, "--store", str(store.root), "--trust", str(trust_file)]
+    assert cli.main([*argv, "--version", "1.0.0", "--artifacts", "--out", str(tmp_path / "g")]) == 0
+    assert "debian-minimal 1.0.0 verified" in capsys.readouterr().out
+    assert (tmp_path / "g" / "debian-minimal-1.0.0.efi").is_file()
+    assert cli.main([*argv, "--version", "9.9.9", "--out", str(tmp_path / "g")]) == 5
+    # a manifest swapped for another release's (validly signed) one is refused
+    other = (store.root / manifest_key(NAME, "1.0.1")).read_bytes()
+    (store.root / manifest_key(NAME, "1.0.0")).write_bytes(other)
+    assert cli.main([*argv, "--version", "1.0.0", "--out", str(tmp_path / "h")]) == 4
