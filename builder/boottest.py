@@ -192,6 +192,45 @@ def run_boot_test(
     return BootTestResult(verdict, result, probe, path)
 
 
+def capture_by_boot(
+    outdir: Path,
+    name: str,
+    *,
+    machine: Machine | None = None,
+    identity: Mapping[str, Any] | None = None,
+    notes: str = "",
+    timeout: float = 300.0,
+    firmware_code: Path | None = None,
+    offline: bool = False,
+    progress: harness.Progress | None = None,
+) -> Platform:
+    """Boot a reference build and record platform reference ``name`` from the guest's log.
+
+    ``machine`` and ``firmware_code`` describe the platform being captured (default: the
+    build's own). The serial log is kept as OUTDIR/capture-serial.log.
+    """
+    from builder.measure.platform import capture_platform
+
+    build = load_build(outdir)
+    if machine is not None:
+        build = BuildDir(build.path, build.build, build.measurements, build.platform, machine)
+    _, probe = boot_build(
+        build,
+        serial_log=outdir / "capture-serial.log",
+        timeout=timeout,
+        firmware_code=firmware_code,
+        offline=offline,
+        progress=progress,
+    )
+    return capture_platform(
+        EventLog.parse(probe.event_log),
+        name,
+        identity=identity,
+        machine=build.machine,
+        notes=notes,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Negative cases
 

@@ -103,3 +103,18 @@ def test_tampered_build_fails_the_cli(booted_default: Path, tmp_path: Path) -> N
     assert proc.returncode == 4, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("bootchain: error: firmware refused the build: Error loading")
+
+
+def test_capture_by_boot_reproduces_the_reference(default_build: Path, tmp_path: Path) -> None:
+    """`platform capture` from a real boot gives the same platform events as the recorded
+    reference (same OVMF, same QEMU device layout): a new firmware is one command."""
+    from builder.measure.platform import load_platform
+
+    outdir = _sparse_copy(default_build, tmp_path)
+    reference = load_platform(boottest.load_build(outdir).platform.name)
+    captured = boottest.capture_by_boot(outdir, reference.name, identity=reference.identity)
+    assert captured.log == reference.log
+    assert captured.boot_device_path == reference.boot_device_path
+    assert captured.banks == reference.banks
+    assert captured.machine == reference.machine
+    assert (outdir / "capture-serial.log").stat().st_size > 0
