@@ -103,3 +103,34 @@ def test_mtools_timestamps_from_sde(image: Path) -> None:
         check=True,
     ).stdout
     assert "2023-11-14  22:13" in listing
+
+
+def test_directories_spanning_clusters(tmp_path: Path) -> None:
+    """120 long names in one folder need many 512-byte directory clusters."""
+    files = {
+        f"EFI/Linux/a-long-file-name-number-{i:03d}.efi": bytes([i]) * (i * 37) for i in range(120)
+    }
+    files.update({f"d{i}/F{i}.TXT": b"x" * 512 for i in range(30)})
+    img = tmp_path / "many.img"
+    disk.make_disk(img, disk.DiskLayout(40, 36), files, seed=b"m", source_date_epoch=SDE)
+    esp = tmp_path / "esp.img"
+    with img.open("rb") as src, esp.open("wb") as dst:
+        src.seek(1 << 20)
+        dst.write(src.read(36 << 20))
+    proc = subprocess.run(
+        [_tool("fsck.fat"), "-n", "-V", str(esp)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and "183 files" in proc.stdout, proc.stdout
+    listing = subprocess.run(
+        [_tool("mdir"), "-b", "-/", "-i", f"{img}@@1M", "::"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in files:
+        assert f"::/{name}" in listing, name
+    for name in ("EFI/Linux/a-long-file-name-number-119.efi", "d29/F29.TXT"):
+        got = subprocess.run(
+            [_tool("mtype"), "-i", f"{img}@@1M", f"::{name}"], capture_output=True, check=True
+        ).stdout
+        assert got == files[name]
