@@ -13,7 +13,17 @@ from builder.commands import MODULES
 from builder.errors import BootchainError
 
 
-def make_parser() -> argparse.ArgumentParser:
+def verb_module(argv: Sequence[str]) -> str | None:
+    """The module of the verb named in ``argv`` (the first non-option), if it is one of ours."""
+    for arg in argv:
+        if not arg.startswith("-"):
+            name = arg.replace("-", "_")
+            return name if name in MODULES else None
+    return None
+
+
+def make_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser for every verb, or for verb module ``only`` (the others are not imported)."""
     parser = argparse.ArgumentParser(
         prog="bootchain",
         description="Reproducible OS images with a measured-boot chain of trust.",
@@ -21,15 +31,18 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bootchain {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
-    for name in MODULES:
+    for name in MODULES if only is None else (only,):
         module = importlib.import_module(f"builder.commands.{name}")
         module.register(subparsers)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
+    # Import only the named verb's module: the others pull in jinja2, rich, boto3... and a
+    # one-file command like ``sign`` would pay for all of them at every start.
+    words = sys.argv[1:] if argv is None else argv
+    parser = make_parser(verb_module(words))
+    args = parser.parse_args(words)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     # -v shows our own steps, not the chatter of the libraries we call.
     logging.getLogger("builder").setLevel(logging.INFO if args.verbose else logging.WARNING)

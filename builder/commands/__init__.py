@@ -17,6 +17,7 @@ MODULES: tuple[str, ...] = (
     "predict",
     "publish",
     "repro",
+    "sign",
     "verify",
     "verify_pe",
 )
