@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import struct
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from cryptography import x509 as cx509
@@ -29,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from builder.errors import InputFileError, VerificationError
 from builder.pe import (
     WIN_CERT_ALIGN,
+    BytesLike,
     PEImage,
     authenticode_digest,
     checksum_from_sum,
@@ -220,6 +222,17 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
     The image is zero-padded to 8 bytes (the padding is hashed), the WIN_CERTIFICATE is
     appended, and the security directory entry and CheckSum are set.
     """
+    return b"".join(signed_pe_parts(data, signer, replace=replace))
+
+
+def signed_pe_parts(
+    data: bytes, signer: Signer, *, replace: bool = False
+) -> tuple[bytes, BytesLike, bytes, bytes]:
+    """:func:`sign_pe` as the pieces of the signed file, in order, without copying the body.
+
+    (patched headers, the rest of ``data`` as a view, zero padding, certificate table): what
+    ``sign_pe`` joins, or what a writer can hand to ``os.writev`` as they are.
+    """
     image = parse_pe(data)
     if image.signed:
         if not replace:
@@ -230,9 +243,13 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
         data = strip_signature(data)
         image = parse_pe(data)
     pad = -len(data) % WIN_CERT_ALIGN
-    mv = memoryview(data)
-    body = mv[image.size_of_headers :]
-    der = make_signature(padded_digest(data, pad), signer)
+    body = memoryview(data)[image.size_of_headers :]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # hashlib releases the GIL on large updates: hash in a thread while this one adds
+        # up the CheckSum words of the body (the two passes over the image overlap).
+        digest = pool.submit(padded_digest, data, pad)
+        body_sum = word_sum(body, image.size_of_headers)
+        der = make_signature(digest.result(), signer)
     length = WIN_CERTIFICATE_HEADER + len(der)
     entry = struct.pack("<IHH", length, WIN_CERT_REVISION_2_0, WIN_CERT_TYPE_PKCS_SIGNED_DATA)
     table = entry + der + bytes(-length % WIN_CERT_ALIGN)
@@ -240,16 +257,15 @@ def sign_pe(data: bytes, signer: Signer, *, replace: bool = False) -> bytes:
     if offset + len(table) >= 1 << 32:
         raise InputFileError(f"PE image too large to sign ({offset} bytes)")
     # Only the headers change: patch a copy of them and build the CheckSum from the pieces,
-    # so the body is never copied but once, into the result.
-    headers = bytearray(mv[: image.size_of_headers])
+    # so the body is never copied here.
+    headers = bytearray(data[: image.size_of_headers])
     struct.pack_into("<II", headers, image.cert_dir_offset, offset, len(table))
     struct.pack_into("<I", headers, image.checksum_offset, 0)
-    body_sum = word_sum(body, image.size_of_headers)
     total = word_sum(headers) + body_sum + word_sum(table, offset)
     struct.pack_into(
         "<I", headers, image.checksum_offset, checksum_from_sum(total, offset + len(table))
     )
-    return b"".join((headers, body, bytes(pad), table))
+    return bytes(headers), body, bytes(pad), table
 
 
 # --- verification -------------------------------------------------------------------------
