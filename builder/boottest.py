@@ -323,14 +323,17 @@ def make_negative_case(
 
 
 def edit_measurements(measurements: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of measurements.json with one digest changed: the golden sha256 PCR 4."""
+    """A copy of measurements.json with one event digest changed (the UKI's sha256 in PCR 4),
+    the PCR values left as they were: the verdict must still catch it."""
     edited: dict[str, Any] = copy.deepcopy(dict(measurements))
     try:
-        value = bytearray(bytes.fromhex(edited["pcrs"]["sha256"]["4"]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise InputFileError("measurements.json has no sha256 PCR 4 to edit") from exc
+        images = [e for e in edited["events"] if e["pcr"] == 4 and len(e["digests"]) > 0]
+        digest = next(d for d in images[-1]["digests"] if d["hashAlg"] == "sha256")
+        value = bytearray(bytes.fromhex(digest["digest"]))
+    except (KeyError, TypeError, ValueError, IndexError, StopIteration) as exc:
+        raise InputFileError("measurements.json has no sha256 PCR 4 event to edit") from exc
     value[-1] ^= 0x01
-    edited["pcrs"]["sha256"]["4"] = value.hex()
+    digest["digest"] = value.hex()
     return edited
 
 

@@ -15,8 +15,18 @@ from builder.measure.platform import capture_platform, load_platform, platform_p
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("platform", help="platform references (recorded firmware)")
     verbs = parser.add_subparsers(dest="platform_verb", metavar="ACTION", required=True)
-    cap = verbs.add_parser("capture", help="make a reference from a real firmware event log")
-    cap.add_argument("--from-eventlog", dest="log", type=Path, required=True, metavar="LOG")
+    cap = verbs.add_parser(
+        "capture", help="make a reference from a real firmware event log or a real boot"
+    )
+    source = cap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-eventlog", dest="log", type=Path, metavar="LOG")
+    source.add_argument(
+        "--boot",
+        type=Path,
+        metavar="OUTDIR",
+        help="boot this build (QEMU + OVMF + swtpm, --machine-from's machine or the build's) "
+        "and record the reference from the guest's log",
+    )
     cap.add_argument("name", help="reference name (qemu/platforms/NAME.yaml)")
     cap.add_argument("--output", type=Path, help="write here instead of qemu/platforms/")
     cap.add_argument("--firmware", help="firmware build, e.g. 'Debian ovmf 2022.11-6+deb12u2 ...'")
@@ -31,16 +41,22 @@ def register(subparsers: Any) -> None:
 
 
 def capture_handler(args: argparse.Namespace) -> int:
-    log = read_log(args.log)
     identity: dict[str, Any] = {}
     for key in ("firmware", "qemu", "machine_type"):
         value = getattr(args, key)
         if value:
             identity[key] = value
     machine = load_platform(args.machine_from).machine if args.machine_from else None
-    platform = capture_platform(
-        log, args.name, identity=identity, machine=machine, notes=args.notes
-    )
+    if args.boot is not None:
+        from builder.boottest import capture_by_boot
+
+        platform = capture_by_boot(
+            args.boot, args.name, machine=machine, identity=identity or None, notes=args.notes
+        )
+    else:
+        platform = capture_platform(
+            read_log(args.log), args.name, identity=identity, machine=machine, notes=args.notes
+        )
     out = args.output or platform_path(args.name)
     write_atomic(out, platform.to_yaml())
     print(out)

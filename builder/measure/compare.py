@@ -204,6 +204,12 @@ def compare(
             replayed = replay(actual.events, bank)
         except InputFileError as exc:
             raise VerificationError(f"event log cannot be replayed: {exc.message}") from exc
+        try:
+            exp_replayed = replay(exp_events, bank)
+        except InputFileError as exc:
+            raise VerificationError(
+                f"measurements: events cannot be replayed: {exc.message}"
+            ) from exc
         tpm = actual_pcrs.get(bank) if actual_pcrs is not None else None
         for pcr, value in sorted(values.items()):
             from_log = replayed.get(pcr, bytes(size))
@@ -252,22 +258,38 @@ def compare(
                     )
                 )
                 continue
-            if from_log == value:
-                continue
+            # Event by event, whatever the PCR values say, so an edited expected event or an
+            # event the TPM value happens to hide is still caught.
             diff = _first_event_difference(
                 pcr, bank, _by_pcr(exp_events, pcr), _by_pcr(actual.events, pcr)
             )
-            mismatches.append(
-                diff
-                or Mismatch(
-                    pcr,
-                    bank,
-                    "value",
-                    None,
-                    None,
-                    f"PCR {pcr} differs though its events agree",
-                    value.hex(),
-                    from_log.hex(),
+            if diff is not None:
+                mismatches.append(diff)
+            elif from_log != value:
+                mismatches.append(
+                    Mismatch(
+                        pcr,
+                        bank,
+                        "value",
+                        None,
+                        None,
+                        f"PCR {pcr} differs though its events agree",
+                        value.hex(),
+                        from_log.hex(),
+                    )
                 )
-            )
+            if exp_replayed.get(pcr, bytes(size)) != value:
+                mismatches.append(
+                    Mismatch(
+                        pcr,
+                        bank,
+                        "inconsistent",
+                        None,
+                        None,
+                        f"PCR {pcr}: the expected events do not replay to the expected value "
+                        "(measurements edited?)",
+                        value.hex(),
+                        exp_replayed.get(pcr, bytes(size)).hex(),
+                    )
+                )
     return Verdict(not mismatches and bool(rows), tuple(rows), tuple(mismatches))

@@ -139,7 +139,26 @@ def test_wrong_expected_value_is_reported(log: el.EventLog, expected: dict[str, 
     broken = json.loads(json.dumps(expected))
     broken["pcrs"]["sha256"]["7"] = "00" * 32
     verdict = compare(broken, log)
-    assert [(m.pcr, m.bank, m.kind) for m in verdict.mismatches] == [(7, "sha256", "value")]
+    assert [(m.pcr, m.bank, m.kind) for m in verdict.mismatches] == [
+        (7, "sha256", "value"),
+        (7, "sha256", "inconsistent"),
+    ]
+
+
+def test_edited_expected_event_fails_even_with_matching_pcrs(
+    log: el.EventLog, expected: dict[str, Any]
+) -> None:
+    """Regression: an edited event digest in measurements.json, PCR values left alone, used to
+    pass because events were only compared when a PCR value differed."""
+    broken = json.loads(json.dumps(expected))
+    event = next(e for e in broken["events"] if e["pcr"] == 4 and "BOOT_SERVICES" in str(e))
+    for digest in event["digests"]:
+        digest["digest"] = "ff" * (len(digest["digest"]) // 2)
+    verdict = compare(broken, log)
+    assert not verdict.ok
+    kinds = {(m.pcr, m.kind) for m in verdict.mismatches}
+    assert (4, "digest") in kinds
+    assert (4, "inconsistent") in kinds
 
 
 @pytest.mark.parametrize(
