@@ -2,12 +2,13 @@
 
 The same signing the build's sign stage does (deterministic PKCS#7, 8-byte padding, CheckSum),
 on one file; OUT is written atomically. Imports stay inside the handler so that the verb
-starts fast.
+starts fast (see bench/sign.py).
 """
 
 from __future__ import annotations
 
 import argparse
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,25 +42,32 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=handler)
 
 
-def handler(args: argparse.Namespace) -> int:
-    from builder.fsutil import write_atomic
-    from builder.secureboot.authenticode import sign_pe
-    from builder.secureboot.signers import FileSigner, open_signer
-
-    key: str = args.key
-    if key.partition(":")[0] in _KEY_SCHEMES:
-        signer = open_signer(key, args.cert)
-    else:  # a plain path, as sbsign takes it (may contain '?' or ':')
-        signer = FileSigner(Path(key), args.cert)
+def _read_image(path: Path) -> bytes:
     try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"cannot read PE image {path}: {exc.strerror}") from exc
+
+
+def handler(args: argparse.Namespace) -> int:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # Reading a large image releases the GIL: read it while this thread imports the
+        # signing code (cryptography) and loads the key.
+        image = pool.submit(_read_image, args.input)
+        from builder.fsutil import write_atomic
+        from builder.secureboot.authenticode import sign_pe
+        from builder.secureboot.signers import FileSigner, open_signer
+
+        key: str = args.key
+        if key.partition(":")[0] in _KEY_SCHEMES:
+            signer = open_signer(key, args.cert)
+        else:  # a plain path, as sbsign takes it (may contain '?' or ':')
+            signer = FileSigner(Path(key), args.cert)
         try:
-            data = args.input.read_bytes()
-        except OSError as exc:
-            raise InputFileError(f"cannot read PE image {args.input}: {exc.strerror}") from exc
-        signed = sign_pe(data, signer, replace=args.replace)
-    finally:
-        close = getattr(signer, "close", None)  # PKCS#11 sessions
-        if close is not None:
-            close()
+            signed = sign_pe(image.result(), signer, replace=args.replace)
+        finally:
+            close = getattr(signer, "close", None)  # PKCS#11 sessions
+            if close is not None:
+                close()
     write_atomic(args.output, signed)
     return 0
