@@ -311,7 +311,9 @@ def word_sum(data: BytesLike, offset: int = 0) -> int:
     """
     mv = memoryview(data)
     # Each chunk is an even number of bytes, so 2**(8 * chunk) == 1 (mod 0xffff) and the
-    # chunks' values can simply be added (cheaper than a modulo per chunk).
+    # chunks' values can simply be added (cheaper than a modulo per chunk). int.from_bytes
+    # runs at ~1 GB/s; summing memoryview.cast("H") or an array("H") makes a Python int per
+    # word and is 10x slower (measured: 9 ms against 100-120 ms per 8 MiB).
     total = sum(
         int.from_bytes(mv[start : start + _CHECKSUM_CHUNK], "little")
         for start in range(0, len(mv), _CHECKSUM_CHUNK)
