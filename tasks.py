@@ -1,13 +1,13 @@
 """invoke tasks: the entry points CI and release engineers use.
 
-    invoke build [--recipe R]     build a recipe (default: recipes/debian-minimal.yaml)
-    invoke repro [--recipe R]     build twice under different conditions, compare every artifact
-    invoke boot-test [--negative] boot the build under QEMU + OVMF + swtpm, compare with the
-                                  golden measurements (and prove refusals with --negative)
-    invoke publish                publish the build and its signed golden manifest
-    invoke release                build -> boot-test -> publish
-    invoke lint                   ruff check, ruff format --check, mypy --strict
-    invoke test                   lint, then the whole test suite
+invoke build [--recipe R]     build a recipe (default: recipes/debian-minimal.yaml)
+invoke repro [--recipe R]     build twice under different conditions, compare every artifact
+invoke boot-test [--negative] boot the build under QEMU + OVMF + swtpm, compare with the
+                              golden measurements (and prove refusals with --negative)
+invoke publish                publish the build and its signed golden manifest
+invoke release                build -> boot-test -> publish
+invoke lint                   ruff check, ruff format --check, mypy --strict
+invoke test                   lint, then the whole test suite
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _outdir(c: Context, recipe: str) -> str:
         "import sys; from pathlib import Path; from builder.recipe import load_recipe; "
         "r = load_recipe(Path(sys.argv[1])); print(f'out/{r.name}/{r.version}')"
     )
-    result = c.run(f"{_bin('python')} -c \"{code}\" {recipe}", hide=True)
+    result = c.run(f'{_bin("python")} -c "{code}" {recipe}', hide=True)
     assert result is not None
     return str(result.stdout.strip())
 
@@ -76,8 +76,7 @@ def publish(
             c.run(f"{_bin('bootchain')} keys generate-release {Path(key).parent}")
         outdir = _outdir(c, recipe)
         c.run(
-            f"{_bin('bootchain')} publish {outdir} --store {store} --channel {channel} "
-            f"--key {key}"
+            f"{_bin('bootchain')} publish {outdir} --store {store} --channel {channel} --key {key}"
         )
 
 

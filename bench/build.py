@@ -53,10 +53,11 @@ def main() -> None:
         outdir = next((out / "warm0").glob("*/*"))
         record = json.loads((outdir / "build.json").read_text())
     print(f"recipe: {args.recipe} ({args.runs} runs each, package cache warm, --offline)")
-    print(f"{'warm build':<32} median {statistics.median(warm):7.2f} s  "
-          f"min {min(warm):7.2f} s")
-    print(f"{'rebuild, other command line':<32} median {statistics.median(cmdline):7.2f} s  "
-          f"min {min(cmdline):7.2f} s")
+    print(f"{'warm build':<32} median {statistics.median(warm):7.2f} s  min {min(warm):7.2f} s")
+    print(
+        f"{'rebuild, other command line':<32} median {statistics.median(cmdline):7.2f} s  "
+        f"min {min(cmdline):7.2f} s"
+    )
     print()
     print(f"{'artifact':<36} {'size':>14}")
     for artifact in record["artifacts"]:
