@@ -13,7 +13,8 @@ import pytest
 from builder import disk
 from builder.errors import InputFileError, UserInputError
 
-VECTOR_LOG = Path("/work/shared/vectors/ovmf-2022.11-q35-secboot/eventlog.bin")
+# The repo copy of shared/vectors/ovmf-2022.11-q35-secboot/eventlog.bin (see its NOTE.md).
+VECTOR_LOG = Path(__file__).resolve().parents[1] / "data" / "eventlog" / "eventlog.bin"
 SDE = 1700000000
 FILES = {
     "EFI/BOOT/BOOTX64.EFI": b"MZ" + bytes(range(256)) * 300,
