@@ -86,6 +86,12 @@ def fresh_keys_build(build_recipe: Callable[..., Path], fresh_keys: Path) -> Pat
     return build_recipe("debian-minimal.yaml", "--keys", fresh_keys)
 
 
+@pytest.fixture(scope="session")
+def console_fresh_keys_build(build_recipe: Callable[..., Path], fresh_keys: Path) -> Path:
+    """The second recipe signed with the freshly generated key set."""
+    return build_recipe("debian-console.yaml", "--keys", fresh_keys)
+
+
 @pytest.fixture
 def copy_build(tmp_path: Path) -> Callable[[Path], Path]:
     """A private copy of a shared build that a test may change."""

@@ -63,7 +63,9 @@ def test_default_recipe_boots_and_matches(booted_default: Path) -> None:
     assert in_order == ["firmware", "loader", "kernel", "init", "probe", "done"]
 
 
-@pytest.mark.parametrize("build_name", ["console_build", "fresh_keys_build"])
+@pytest.mark.parametrize(
+    "build_name", ["console_build", "fresh_keys_build", "console_fresh_keys_build"]
+)
 def test_other_builds_boot_and_match(
     build_name: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
