@@ -254,7 +254,16 @@ def make_uki_stage(ctx: _Context) -> None:
         UKISection(".initrd", ctx.outputs["initrd.img"].read_bytes(), measure=True),
         UKISection(".linux", linux, measure=True),
     ]
-    _write(ctx, recipe.uki_filename, make_uki(stub, sections, recipe.source_date_epoch))
+    try:
+        uki = make_uki(stub, sections, recipe.source_date_epoch)
+    except InputFileError as exc:
+        sources = (
+            f"{STUB_PATH} of {ctx.packages['systemd-boot'].name} "
+            f"{ctx.packages['systemd-boot'].version}, boot/vmlinuz-{kernel_release(kernel)} of "
+            f"{kernel.name} {kernel.version}"
+        )
+        raise InputFileError(f"{exc.message} (from {sources})", hint=exc.hint) from None
+    _write(ctx, recipe.uki_filename, uki)
 
 
 def sign_stage(ctx: _Context) -> None:

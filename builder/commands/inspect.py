@@ -31,7 +31,10 @@ def handler(args: argparse.Namespace) -> int:
         data = args.file.read_bytes()
     except OSError as exc:
         raise InputFileError(f"cannot read {args.file}: {exc.strerror}") from exc
-    desc = describe_pe(data)
+    try:
+        desc = describe_pe(data)
+    except InputFileError as exc:
+        raise InputFileError(f"{args.file}: {exc.message}", hint=exc.hint) from None
     if args.json:
         print(json.dumps(dataclasses.asdict(desc), indent=2, sort_keys=True))
         return 0
