@@ -92,3 +92,47 @@ def test_inconsistent_private_key_never_signs(tmp_path: Path) -> None:
         signer.sign(b"data")
     with pytest.raises(InputFileError, match="do not verify"):
         sign_pe(PLAIN.read_bytes(), signer)
+
+
+HEAVY = ("pkcs11", "boto3", "botocore", "jinja2", "rich", "yaml", "asn1crypto")
+
+
+def test_sign_verb_imports_only_what_signing_needs(tmp_path: Path) -> None:
+    """The verb's start-up cost is its imports: no other verb's or backend's libraries."""
+    out = tmp_path / "signed.efi"
+    argv = ["sign", "--key", str(EXAMPLE / "db.key"), "--cert", str(EXAMPLE / "db.crt")]
+    argv += [str(PLAIN), str(out)]
+    script = (
+        "import sys\nfrom builder.cli import main\n"
+        f"assert main({argv!r}) == 0\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"
+    assert out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "module"),
+    [
+        (["sign", "--key", "k"], "sign"),
+        (["-v", "verify-pe", "--cert", "c", "f"], "verify_pe"),
+        (["boot-test", "out"], "boot_test"),
+        (["--version"], None),
+        (["nosuch"], None),
+        ([], None),
+    ],
+    ids=["sign", "after-option", "dashed", "no-verb", "unknown", "empty"],
+)
+def test_verb_module(argv: list[str], module: str | None) -> None:
+    from builder.cli import verb_module
+
+    assert verb_module(argv) == module
