@@ -14,7 +14,10 @@ from builder.errors import BootchainError
 
 
 def verb_module(argv: Sequence[str]) -> str | None:
-    """The module of the verb named in ``argv`` (the first non-option), if it is one of ours."""
+    """The module of the verb named in ``argv``, if it is one of ours.
+
+    The verb is the first word not starting with ``-`` (the top-level options take no value).
+    """
     for arg in argv:
         if not arg.startswith("-"):
             name = arg.replace("-", "_")
