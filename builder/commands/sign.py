@@ -64,7 +64,11 @@ def handler(args: argparse.Namespace) -> int:
         else:  # a plain path, as sbsign takes it (may contain '?' or ':')
             signer = FileSigner(Path(key), args.cert)
         try:
-            signed = sign_pe(image.result(), signer, replace=args.replace)
+            data = image.result()
+            try:
+                signed = sign_pe(data, signer, replace=args.replace)
+            except InputFileError as exc:  # name the file: the codec only sees bytes
+                raise InputFileError(f"{args.input}: {exc.message}", hint=exc.hint) from exc
         finally:
             close = getattr(signer, "close", None)  # PKCS#11 sessions
             if close is not None:

@@ -136,3 +136,12 @@ def test_verb_module(argv: list[str], module: str | None) -> None:
     from builder.cli import verb_module
 
     assert verb_module(argv) == module
+
+
+def test_sign_verb_names_the_bad_input(tmp_path: Path) -> None:
+    out = tmp_path / "signed.efi"
+    bad = EXAMPLE / "db.crt"
+    done = bootchain("sign", "--key", EXAMPLE / "db.key", "--cert", EXAMPLE / "db.crt", bad, out)
+    assert done.returncode == 2
+    assert f"{bad}: not a PE image" in done.stderr
+    assert not out.exists()
