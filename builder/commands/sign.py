@@ -55,7 +55,7 @@ def handler(args: argparse.Namespace) -> int:
         # signing code (cryptography) and loads the key.
         image = pool.submit(_read_image, args.input)
         from builder.fsutil import write_atomic
-        from builder.secureboot.authenticode import sign_pe
+        from builder.secureboot.authenticode import signed_pe_parts
         from builder.secureboot.signers import FileSigner, open_signer
 
         key: str = args.key
@@ -66,7 +66,7 @@ def handler(args: argparse.Namespace) -> int:
         try:
             data = image.result()
             try:
-                signed = sign_pe(data, signer, replace=args.replace)
+                signed = signed_pe_parts(data, signer, replace=args.replace)
             except InputFileError as exc:  # name the file: the codec only sees bytes
                 raise InputFileError(f"{args.input}: {exc.message}", hint=exc.hint) from exc
         finally:
