@@ -13,7 +13,10 @@ from builder.errors import InputFileError, UserInputError
 MEASUREMENTS = {
     "schema": "bootchain.measurements/v1",
     "pcrs": {"sha256": {"4": "00" * 32, "7": "11" * 32}, "sha1": {"4": "22" * 20}},
-    "events": [],
+    "events": [
+        {"recnum": 0, "pcr": 4, "digests": [{"hashAlg": "sha256", "digest": "aa" * 32}]},
+        {"recnum": 1, "pcr": 4, "digests": [{"hashAlg": "sha256", "digest": "bb" * 32}]},
+    ],
 }
 
 
@@ -21,14 +24,15 @@ def test_edit_measurements_changes_exactly_one_digest() -> None:
     before = copy.deepcopy(MEASUREMENTS)
     edited = boottest.edit_measurements(MEASUREMENTS)
     assert before == MEASUREMENTS  # the input is not touched
-    assert edited["pcrs"]["sha256"]["4"] == "00" * 31 + "01"
-    edited["pcrs"]["sha256"]["4"] = "00" * 32
+    # The last PCR 4 event (the UKI) changes; the PCR values stay as they were.
+    assert edited["events"][1]["digests"][0]["digest"] == "bb" * 31 + "ba"
+    edited["events"][1]["digests"][0]["digest"] = "bb" * 32
     assert edited == MEASUREMENTS
 
 
 def test_edit_measurements_needs_pcr4() -> None:
     with pytest.raises(InputFileError, match="PCR 4"):
-        boottest.edit_measurements({"pcrs": {}})
+        boottest.edit_measurements({"pcrs": {}, "events": []})
 
 
 def test_load_build_names_the_missing_file(tmp_path: Path) -> None:
