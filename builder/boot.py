@@ -310,6 +310,9 @@ def boot(
     for what, path in (("disk image", disk), ("varstore", varstore), ("firmware", firmware_code)):
         if not path.is_file():
             raise UserInputError(f"boot: {what} {path} not found")
+    # QEMU and swtpm run in a private temp folder: give them absolute paths.
+    disk, varstore, firmware_code = disk.resolve(), varstore.resolve(), firmware_code.resolve()
+    serial_log = serial_log.absolute()
     if accel == "auto":
         accel = "kvm" if kvm_usable() else "tcg"
     patterns = [re.compile(p) for p in stop_on]

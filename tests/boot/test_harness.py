@@ -36,16 +36,26 @@ def _kill_later(match: str, delay: float) -> threading.Timer:
 
 
 def test_unsigned_loader_is_refused_and_stops_early(
-    unsigned_app_disk: Path, enrolled_varstore: Path, leak_check: Path, tmp_path: Path
+    unsigned_app_disk: Path,
+    enrolled_varstore: Path,
+    leak_check: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[str] = []
     before = enrolled_varstore.read_bytes()
+    # Relative paths, as `invoke boot-test` passes them (regression: QEMU runs elsewhere).
+    subprocess.run(
+        ["cp", "--sparse=always", str(unsigned_app_disk), str(tmp_path / "d.img")], check=True
+    )
+    subprocess.run(["cp", str(enrolled_varstore), str(tmp_path / "v.fd")], check=True)
+    monkeypatch.chdir(tmp_path)
     result = boot.boot(
-        unsigned_app_disk,
-        enrolled_varstore,
+        Path("d.img"),
+        Path("v.fd"),
         firmware_code=CODE_SB,
         timeout=150,
-        serial_log=tmp_path / "serial.log",
+        serial_log=Path("serial.log"),
         progress=lambda phase, _t: seen.append(phase),
     )
     assert result.outcome == "refused"
