@@ -49,8 +49,9 @@ class Mismatch:
     actual: str | None
 
     def one_line(self) -> str:
-        exp = (self.expected or "-")[:16]
-        act = (self.actual or "-")[:16]
+        # Whole digests: a shortened pair can look equal when they differ late.
+        exp = self.expected or "-"
+        act = self.actual or "-"
         return f"{self.bank}: {self.description}: {self.kind} (expected {exp}, got {act})"
 
 
