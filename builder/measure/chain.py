@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from builder.errors import InputFileError
 from builder.measure.eventlog import event_type_value
+from builder.measure.refdoc import parse_document, read_reference, reference_path
 
 SCHEMA = "bootchain.chain/v1"
 CHAIN_DIR = Path(__file__).resolve().parent / "chains"
@@ -64,19 +63,12 @@ class Chain:
 
 
 def chain_path(name: str) -> Path:
-    if name.endswith((".yaml", ".yml")) or "/" in name:
-        return Path(name)
-    return CHAIN_DIR / f"{name}.yaml"
+    return reference_path(name, CHAIN_DIR)
 
 
 def parse_chain(data: bytes, source: str) -> Chain:
     """A profile from YAML bytes; errors name ``source`` and the step."""
-    try:
-        doc = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise InputFileError(f"{source}: not YAML ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise InputFileError(f"{source}: not a {SCHEMA} document")
+    doc = parse_document(data, source, SCHEMA)
     steps: list[Step] = []
     raw_steps = doc.get("steps")
     if not isinstance(raw_steps, list) or not raw_steps:
@@ -112,10 +104,5 @@ def parse_chain(data: bytes, source: str) -> Chain:
 
 def load_chain(name: str) -> Chain:
     """Load a chain profile by name (``systemd252-linux61-secureboot``) or path."""
-    path = chain_path(name)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        known = ", ".join(sorted(p.stem for p in CHAIN_DIR.glob("*.yaml")))
-        raise InputFileError(f"chain profile {name!r} not found", hint=f"known: {known}") from exc
+    data, path = read_reference(name, CHAIN_DIR, "chain profile")
     return parse_chain(data, str(path))

@@ -33,6 +33,7 @@ from builder.measure.eventlog import (
     from_cel,
     to_cel,
 )
+from builder.measure.refdoc import parse_document, read_reference, reference_path
 
 SCHEMA = "bootchain.platform/v1"
 PLATFORM_DIR = Path(__file__).resolve().parents[2] / "qemu" / "platforms"
@@ -196,19 +197,12 @@ def capture_platform(
 
 def platform_path(name: str) -> Path:
     """The file of a named reference, or ``name`` itself when it is a path."""
-    if name.endswith((".yaml", ".yml")) or "/" in name:
-        return Path(name)
-    return PLATFORM_DIR / f"{name}.yaml"
+    return reference_path(name, PLATFORM_DIR)
 
 
 def parse_platform(data: bytes, source: str) -> Platform:
     """A reference from its file bytes; errors name ``source`` and the key."""
-    try:
-        doc = yaml.safe_load(data)
-    except yaml.YAMLError as exc:
-        raise InputFileError(f"{source}: not YAML ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        raise InputFileError(f"{source}: not a {SCHEMA} document")
+    doc = parse_document(data, source, SCHEMA)
     try:
         machine_doc = doc.get("machine")
         machine = None
@@ -255,14 +249,7 @@ def parse_platform(data: bytes, source: str) -> Platform:
 
 def load_platform(name: str) -> Platform:
     """Load ``qemu/platforms/<name>.yaml`` (or a path)."""
-    path = platform_path(name)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as exc:
-        known = ", ".join(sorted(p.stem for p in PLATFORM_DIR.glob("*.yaml")))
-        raise InputFileError(
-            f"platform reference {name!r} not found ({path})", hint=f"known: {known}"
-        ) from exc
+    data, path = read_reference(name, PLATFORM_DIR, "platform reference")
     return parse_platform(data, str(path))
 
 
