@@ -10,15 +10,15 @@ a crash aborts the multipart uploads it left and completes the release.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
-from builder.dsse import ReleaseKey, read_envelope_unverified
-from builder.errors import ConflictError, InputFileError, UserInputError
+from builder.dsse import ReleaseKey, Trust
+from builder.errors import ConflictError, InputFileError, UserInputError, VerificationError
 from builder.manifest import (
     ChannelPointer,
     IndexEntry,
@@ -39,6 +39,7 @@ from builder.store.base import (
 )
 
 CAS_RETRIES = 30
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -98,11 +99,16 @@ def compare_and_swap(
     raise ConflictError(f"{store.url}/{key}: lost the compare-and-swap {retries} times")
 
 
-def _payload(data: bytes) -> dict[str, object]:
-    doc = json.loads(read_envelope_unverified(data)[1])
-    if not isinstance(doc, dict):
-        raise InputFileError("stored envelope payload is not a JSON object")
-    return doc
+def _verified(store: Store, key: str, check: Callable[[], T]) -> T:
+    """``check()`` (a verification of what ``store`` holds at ``key``), naming it on failure."""
+    try:
+        return check()
+    except VerificationError as exc:
+        raise VerificationError(
+            f"{store.url}/{key}: stored {exc.message}",
+            hint="the store holds a document no trusted release key signed; find out who "
+            "wrote it (pass the old keys in trust= when rotating release keys)",
+        ) from exc
 
 
 def publish(
@@ -114,8 +120,15 @@ def publish(
     allow_example_keys: bool = False,
     progress: Progress | None = None,
     retries: int = CAS_RETRIES,
+    trust: Trust | None = None,
 ) -> PublishResult:
-    """Publish the build in ``outdir`` to ``store`` and move ``channel`` to it (if newer)."""
+    """Publish the build in ``outdir`` to ``store`` and move ``channel`` to it (if newer).
+
+    What the store holds already (manifest, index, pointer) is carried forward or re-signed
+    only once it verifies against ``trust`` (default: ``key`` alone), so a writer of the store
+    without a release key cannot slip an entry into a release the publisher signs.
+    """
+    trust = trust if trust is not None else Trust.of([key.public_key])
     if channel is not None:
         check_name(channel, "channel")
     manifest = manifest_from_build(outdir)
@@ -149,7 +162,8 @@ def publish(
         existing = store.get(mkey)
         if existing is None:
             raise
-        if read_envelope_unverified(existing.data)[1] != manifest.to_bytes():
+        stored = _verified(store, mkey, lambda: Manifest.verify(existing.data, trust))
+        if stored.to_bytes() != manifest.to_bytes():
             raise ConflictError(
                 f"{store.url}/{mkey}: release {manifest.name} {manifest.version} is published "
                 "already with a different manifest",
@@ -165,33 +179,41 @@ def publish(
         {a.name: a.authenticode_sha256 for a in manifest.artifacts if a.authenticode_sha256},
     )
 
+    ikey = index_key(manifest.name)
+
     def add_to_index(current: bytes | None) -> bytes | None:
-        index = (
-            ReleaseIndex.from_dict(_payload(current))
-            if current
-            else ReleaseIndex(manifest.name, 0, ())
-        )
+        index = ReleaseIndex(manifest.name, 0, ())
+        if current:
+            stored = _verified(store, ikey, lambda: ReleaseIndex.verify(current, trust))
+            if stored.name != manifest.name:
+                raise VerificationError(f"{store.url}/{ikey}: signed index is for {stored.name}")
+            index = stored
         found = index.entry(manifest.version)
         if found is not None:
             if found.manifest_sha256 != manifest_sha:
                 raise ConflictError(
-                    f"{store.url}/{index_key(manifest.name)}: lists {manifest.version} with "
+                    f"{store.url}/{ikey}: lists {manifest.version} with "
                     f"manifest {found.manifest_sha256}, not {manifest_sha}"
                 )
             return None
         return index.with_entry(entry).sign(key)
 
-    compare_and_swap(store, index_key(manifest.name), add_to_index, retries)
+    compare_and_swap(store, ikey, add_to_index, retries)
 
     # 4. The channel pointer, last; never backwards.
     final: list[ChannelPointer] = []
     if channel is not None:
+        ckey = channel_key(manifest.name, channel)
 
         def move_channel(current: bytes | None) -> bytes | None:
             final.clear()
             seq = 0
             if current:
-                cur = ChannelPointer.from_dict(_payload(current))
+                cur = _verified(store, ckey, lambda: ChannelPointer.verify(current, trust))
+                if (cur.name, cur.channel) != (manifest.name, channel):
+                    raise VerificationError(
+                        f"{store.url}/{ckey}: signed pointer is for {cur.name}/{cur.channel}"
+                    )
                 seq = cur.sequence
                 if version_key(cur.version) > version_key(manifest.version):
                     final.append(cur)
@@ -199,8 +221,7 @@ def publish(
                 if cur.version == manifest.version:
                     if cur.manifest_sha256 != manifest_sha:
                         raise ConflictError(
-                            f"{store.url}/{channel_key(manifest.name, channel)}: points to "
-                            f"{cur.version} with another manifest"
+                            f"{store.url}/{ckey}: points to {cur.version} with another manifest"
                         )
                     final.append(cur)
                     return None
@@ -208,7 +229,7 @@ def publish(
             final.append(new)
             return new.sign(key)
 
-        compare_and_swap(store, channel_key(manifest.name, channel), move_channel, retries)
+        compare_and_swap(store, ckey, move_channel, retries)
 
     return PublishResult(
         name=manifest.name,

@@ -305,3 +305,58 @@ def test_fetch_a_pinned_version_through_the_signed_index(env, tmp_path: Path, ca
     other = (store.root / manifest_key(NAME, "1.0.1")).read_bytes()
     (store.root / manifest_key(NAME, "1.0.0")).write_bytes(other)
     assert cli.main([*argv, "--version", "1.0.0", "--out", str(tmp_path / "h")]) == 4
+
+
+def test_bug_publish_resigned_an_index_entry_injected_by_a_store_writer(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Someone who can write the store but holds no release key adds a release to the index
+    # (claiming an Authenticode digest of their own image). The next publish must not sign it.
+    from builder.dsse import sign_envelope
+    from builder.manifest import INDEX_PAYLOAD_TYPE, IndexEntry, ReleaseIndex
+
+    store, key, trust, _ = env
+    publish(make_outdir(tmp_path / "a", "1.0.0"), store, key, "stable")
+    index = fetch_index(store, NAME, trust)
+    evil = IndexEntry("0.9.0", "ab" * 32, {"evil.efi": "cd" * 32})
+    forged = ReleaseIndex(NAME, index.sequence + 1, (evil, *index.releases))
+    mallory, _ = make_release_key(tmp_path / "mallory")
+    data = sign_envelope(
+        json.dumps(forged.to_dict(), sort_keys=True).encode(), INDEX_PAYLOAD_TYPE, [mallory]
+    )
+    (store.root / index_key(NAME)).write_bytes(data)
+    with pytest.raises(VerificationError, match=r"index/debian-minimal.dsse.json: stored"):
+        publish(make_outdir(tmp_path / "b", "1.0.1"), store, key, "stable")
+    assert (store.root / index_key(NAME)).read_bytes() == data  # not re-signed by our key
+
+
+def test_bug_publish_reused_an_unsigned_stored_manifest_and_pointer(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # A stored manifest envelope with the right payload but no trusted signature must not be
+    # named by the signed index; nor may an unsigned pointer count as "already there".
+    store, key, trust, state = env
+    out = make_outdir(tmp_path / "a", "1.0.0")
+    publish(out, store, key, "stable")
+    mkey = store.root / manifest_key(NAME, "1.0.0")
+    doc = json.loads(mkey.read_bytes())
+    doc["signatures"][0]["keyid"] = "00" * 32
+    mkey.write_bytes(json.dumps(doc).encode())
+    with pytest.raises(VerificationError, match=r"manifest.dsse.json: stored .*not signed"):
+        publish(out, store, key, "stable")
+    other = LocalStore(tmp_path / "store2")
+    publish(out, other, key, "stable")
+    doc = json.loads((other.root / channel_key(NAME, "stable")).read_bytes())
+    doc["signatures"][0]["sig"] = doc["signatures"][0]["sig"][::-1]
+    (other.root / channel_key(NAME, "stable")).write_bytes(json.dumps(doc).encode())
+    with pytest.raises(VerificationError, match=r"stable.dsse.json: stored"):
+        publish(out, other, key, "stable")
+
+
+def test_publish_with_a_rotated_key_accepts_what_the_old_key_signed(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, old, _, state = env
+    publish(make_outdir(tmp_path / "a", "1.0.0"), store, old, "stable")
+    new, _ = make_release_key(tmp_path / "new")
+    with pytest.raises(VerificationError, match="not signed by a trusted key"):
+        publish(make_outdir(tmp_path / "b", "1.0.1"), store, new, "stable")
+    both = Trust.of([old.public_key, new.public_key])
+    result = publish(make_outdir(tmp_path / "b", "1.0.1"), store, new, "stable", trust=both)
+    assert (result.channel_version, result.channel_sequence) == ("1.0.1", 2)
+    got = fetch(store, NAME, "stable", Trust.of([new.public_key]), tmp_path / "g", state=state)
+    assert got.manifest.version == "1.0.1"
