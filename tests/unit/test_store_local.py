@@ -307,7 +307,7 @@ def test_fetch_a_pinned_version_through_the_signed_index(env, tmp_path: Path, ca
     assert cli.main([*argv, "--version", "1.0.0", "--out", str(tmp_path / "h")]) == 4
 
 
-def test_bug_publish_resigned_an_index_entry_injected_by_a_store_writer(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_bug_publish_resigned_an_index_entry_from_a_store_writer(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # Someone who can write the store but holds no release key adds a release to the index
     # (claiming an Authenticode digest of their own image). The next publish must not sign it.
     from builder.dsse import sign_envelope
@@ -331,7 +331,7 @@ def test_bug_publish_resigned_an_index_entry_injected_by_a_store_writer(env, tmp
 def test_bug_publish_reused_an_unsigned_stored_manifest_and_pointer(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     # A stored manifest envelope with the right payload but no trusted signature must not be
     # named by the signed index; nor may an unsigned pointer count as "already there".
-    store, key, trust, state = env
+    store, key, _, _ = env
     out = make_outdir(tmp_path / "a", "1.0.0")
     publish(out, store, key, "stable")
     mkey = store.root / manifest_key(NAME, "1.0.0")
