@@ -303,8 +303,10 @@ def verify_envelope_bytes(envelope: bytes, trust: Trust, payload_type: str) -> b
             raise VerificationError(f"envelope signature {i} by trusted key {keyid} is invalid")
         good.append(keyid)
     if not good:
+        # keyids are the sender's text: quoted, so a newline in one cannot split the message
+        shown = ", ".join(repr(k[:64]) for k in unknown[:4]) + (", ..." if len(unknown) > 4 else "")
         raise VerificationError(
-            f"envelope is not signed by a trusted key (signed by {', '.join(unknown)})",
+            f"envelope is not signed by a trusted key (signed by {shown})",
             hint="add the release public key to the trust file if you accept it",
         )
     return payload

@@ -154,7 +154,8 @@ class Artifact:
         size = _req(doc, "size", int, where)
         if size < 0:
             raise _SchemaError(f"{where}.size: negative")
-        auth = _hex(doc, "authenticode_sha256", where) if doc.get("authenticode_sha256") else None
+        present = doc.get("authenticode_sha256") is not None
+        auth = _hex(doc, "authenticode_sha256", where) if present else None
         return cls(_relpath(doc, "name", where), size, _hex(doc, "sha256", where), auth)
 
 
@@ -267,6 +268,9 @@ class Manifest:
         names = [a.name for a in artifacts]
         if names != sorted(set(names)):
             raise _SchemaError(f"{w}.artifacts: names must be unique and sorted")
+        folders = {"/".join(n.split("/")[:k]) for n in names for k in range(1, n.count("/") + 1)}
+        if clash := sorted(folders & set(names)):
+            raise _SchemaError(f"{w}.artifacts: {clash[0]!r} is both a file and a folder")
         platforms = _req(doc, "platforms", dict, w)
         for pname, ref in platforms.items():
             if not isinstance(ref, dict):
@@ -492,11 +496,18 @@ class ReleaseIndex:
                     raise _SchemaError(f"{at}: not an object")
                 auth = _req(r, "authenticode", dict, at)
                 for k in auth:
+                    _relpath({"artifact": k}, "artifact", f"{at}.authenticode")
                     _hex(auth, k, f"{at}.authenticode")
                 entries.append(
                     IndexEntry(_name(r, "version", at), _hex(r, "manifest_sha256", at), auth)
                 )
-            return cls(_name(doc, "name", w), _req(doc, "sequence", int, w), tuple(entries))
+            versions = [e.version for e in entries]
+            if len(set(versions)) != len(versions):
+                raise _SchemaError(f"{w}.releases: a version is listed twice")
+            seq = _req(doc, "sequence", int, w)
+            if seq < 1:
+                raise _SchemaError(f"{w}.sequence: must be >= 1")
+            return cls(_name(doc, "name", w), seq, tuple(entries))
         except _SchemaError as exc:
             raise VerificationError(str(exc)) from exc
 

@@ -20,6 +20,7 @@ from builder.manifest import (
     CHANNEL_PAYLOAD_TYPE,
     MANIFEST_PAYLOAD_TYPE,
     ChannelPointer,
+    IndexEntry,
     Manifest,
     ReleaseIndex,
     manifest_from_build,
@@ -256,3 +257,44 @@ def test_artifact_names_are_safe_relative_paths(tmp_path: Path, name: str, ok: b
     else:
         with pytest.raises(InputFileError, match="safe relative path"):
             manifest_from_build(out)
+
+
+def test_bug_untrusted_keyid_with_a_newline_split_the_error_line(manifest: Manifest) -> None:
+    other = dsse.ReleaseKey(dsse.ed25519.Ed25519PrivateKey.generate())
+    doc = json.loads(dsse.sign_envelope(manifest.to_bytes(), MANIFEST_PAYLOAD_TYPE, [other]))
+    doc["signatures"][0]["keyid"] = "ab\nverdict: MATCH"
+    with pytest.raises(VerificationError) as info:
+        Manifest.verify(json.dumps(doc).encode(), dsse.Trust.of([]))
+    assert "\n" not in info.value.one_line() and "not signed by a trusted key" in str(info.value)
+
+
+def test_bug_empty_authenticode_digest_was_dropped_silently(tmp_path: Path) -> None:
+    out = make_outdir(tmp_path)
+    build = json.loads((out / "build.json").read_text())
+    build["artifacts"][0]["authenticode_sha256"] = ""
+    (out / "build.json").write_text(json.dumps(build))
+    with pytest.raises(InputFileError, match=r"authenticode_sha256: not a lowercase sha256"):
+        manifest_from_build(out)
+
+
+def test_bug_artifact_that_is_also_a_folder_broke_fetch(tmp_path: Path) -> None:
+    out = make_outdir(tmp_path)
+    build = json.loads((out / "build.json").read_text())
+    build["artifacts"][0]["name"] = "keys"
+    build["artifacts"][1]["name"] = "keys/db.crt"
+    (out / "build.json").write_text(json.dumps(build))
+    with pytest.raises(InputFileError, match="'keys' is both a file and a folder"):
+        manifest_from_build(out)
+
+
+def test_bug_signed_index_with_a_version_twice_was_accepted(key_and_trust) -> None:  # type: ignore[no-untyped-def]
+    key, trust = key_and_trust
+    a = IndexEntry("1.0.0", "aa" * 32, {"x.efi": "bb" * 32})
+    b = IndexEntry("1.0.0", "cc" * 32, {"x.efi": "dd" * 32})
+    with pytest.raises(VerificationError, match="listed twice"):
+        ReleaseIndex.verify(ReleaseIndex("debian-minimal", 2, (a, b)).sign(key), trust)
+    with pytest.raises(VerificationError, match="sequence: must be >= 1"):
+        ReleaseIndex.verify(ReleaseIndex("debian-minimal", 0, (a,)).sign(key), trust)
+    c = IndexEntry("1.0.1", "aa" * 32, {"../x.efi": "bb" * 32})
+    with pytest.raises(VerificationError, match="safe relative path"):
+        ReleaseIndex.verify(ReleaseIndex("debian-minimal", 1, (c,)).sign(key), trust)
