@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from builder import dsse
 from builder.errors import InputFileError, VerificationError
@@ -260,7 +261,7 @@ def test_artifact_names_are_safe_relative_paths(tmp_path: Path, name: str, ok: b
 
 
 def test_bug_untrusted_keyid_with_a_newline_split_the_error_line(manifest: Manifest) -> None:
-    other = dsse.ReleaseKey(dsse.ed25519.Ed25519PrivateKey.generate())
+    other = dsse.ReleaseKey(Ed25519PrivateKey.generate())
     doc = json.loads(dsse.sign_envelope(manifest.to_bytes(), MANIFEST_PAYLOAD_TYPE, [other]))
     doc["signatures"][0]["keyid"] = "ab\nverdict: MATCH"
     with pytest.raises(VerificationError) as info:
