@@ -107,7 +107,12 @@ def _stream(store: Store, digest: str, size: int) -> Iterator[bytes]:
     done = 0
     while True:
         try:
-            chunk = next(chunks, b"")
+            try:
+                chunk = next(chunks, b"")
+            except OSError as exc:  # a folder store's read error is the store's, not dest's
+                raise StoreError(
+                    f"{store.url}/{blob_key(digest)}: cannot read ({exc.strerror})"
+                ) from exc
         except StoreError as exc:
             if done == 0:
                 raise
@@ -127,8 +132,11 @@ def download_blob(
 
     Nothing is left at ``dest`` (or beside it) unless every byte verified.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    except OSError as exc:
+        raise UserInputError(f"{dest}: cannot write here ({exc.strerror})") from exc
     try:
         hasher = hashlib.sha256()
         done = 0
@@ -155,6 +163,10 @@ def download_blob(
             )
         Path(tmp).chmod(0o644)
         Path(tmp).replace(dest)
+    except OSError as exc:
+        with contextlib.suppress(FileNotFoundError):
+            Path(tmp).unlink()
+        raise UserInputError(f"{dest}: cannot write ({exc.strerror})") from exc
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             Path(tmp).unlink()

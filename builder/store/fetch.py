@@ -71,6 +71,14 @@ class RollbackState:
             ) from exc
         if not isinstance(seen, dict) or not all(isinstance(v, dict) for v in seen.values()):
             raise InputFileError(f"{self.path}: rollback state is not an object of channels")
+        for slot, last in seen.items():
+            seq = last.get("sequence")
+            if not isinstance(last.get("version"), str) or type(seq) is not int or seq < 1:
+                raise InputFileError(
+                    f"{self.path}: rollback state entry {slot!r} needs a version string and "
+                    "a sequence >= 1",
+                    hint="restore it from a backup; deleting it drops rollback protection",
+                )
         return seen
 
     @staticmethod

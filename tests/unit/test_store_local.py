@@ -360,3 +360,23 @@ def test_publish_with_a_rotated_key_accepts_what_the_old_key_signed(env, tmp_pat
     assert (result.channel_version, result.channel_sequence) == ("1.0.1", 2)
     got = fetch(store, NAME, "stable", Trust.of([new.public_key]), tmp_path / "g", state=state)
     assert got.manifest.version == "1.0.1"
+
+
+@pytest.mark.parametrize("entry", [{}, {"version": "1.0.0"}, {"version": "1", "sequence": "x"}])
+def test_bug_a_malformed_rollback_state_entry_crashed_fetch(env, tmp_path: Path, entry) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    publish(make_outdir(tmp_path / "o"), store, key, "stable")
+    state.path.parent.mkdir(parents=True, exist_ok=True)
+    state.path.write_text(json.dumps({f"{store.url}|{NAME}|stable": entry}))
+    with pytest.raises(InputFileError, match=r"rollback state entry .* sequence >= 1"):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
+
+
+def test_bug_an_unwritable_fetch_destination_was_a_traceback(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, state = env
+    publish(make_outdir(tmp_path / "o"), store, key, "stable")
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserInputError, match=r"file/.*: cannot write here"):
+        fetch(store, NAME, "stable", trust, tmp_path / "file", artifacts=True, state=state)
+    assert (tmp_path / "file").read_text() == "not a folder"
+    assert not state.path.exists()  # nothing remembered for a fetch that failed
