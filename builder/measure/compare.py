@@ -129,11 +129,16 @@ def _expected_pcrs(expected: Mapping[str, Any]) -> dict[str, dict[int, bytes]]:
                 raw = bytes.fromhex(value)
                 if len(raw) != size:
                     raise InputFileError(f"measurements: pcrs.{bank}.{key} is not a {bank} value")
+                if str(key) != str(int(key)) or int(key) < 0 or int(key) in out[bank]:
+                    raise InputFileError(f"measurements: pcrs.{bank} key {key!r} is not one PCR")
                 out[bank][int(key)] = raw
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise InputFileError(f"measurements: malformed pcrs ({exc!r})") from exc
     if not any(out.values()):
         raise InputFileError("measurements: no PCR values to compare")
+    # A bank named but left empty would be judged on nothing: refuse rather than skip it.
+    if empty := sorted(bank for bank, values in out.items() if not values):
+        raise InputFileError(f"measurements: bank {empty[0]} lists no PCR values")
     return out
 
 

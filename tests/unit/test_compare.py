@@ -192,3 +192,22 @@ def test_recorded_prediction_matches_recorded_real_boot(name: str) -> None:
             assert ours.data[8:] == theirs.data[8:]  # all but ImageLocationInMemory
         else:
             assert ours.data == theirs.data
+
+
+def test_bug_a_listed_bank_with_no_pcrs_was_skipped_silently(
+    log: el.EventLog, expected: dict[str, Any]
+) -> None:
+    doc = json.loads(json.dumps(expected))
+    doc["pcrs"]["sha256"] = {}  # sha256 named in "banks" but judged on nothing
+    assert "sha256" in doc["banks"]
+    with pytest.raises(InputFileError, match="bank sha256 lists no PCR values"):
+        compare(doc, log)
+
+
+def test_bug_a_pcr_listed_twice_under_two_spellings_was_overridden(
+    log: el.EventLog, expected: dict[str, Any]
+) -> None:
+    doc = json.loads(json.dumps(expected))
+    doc["pcrs"]["sha256"]["04"] = "00" * 32
+    with pytest.raises(InputFileError, match="key '04' is not one PCR"):
+        compare(doc, log)
