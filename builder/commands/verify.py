@@ -70,9 +70,13 @@ def parse_pcrs(data: bytes, where: str) -> dict[str, dict[int, bytes]]:
             items.append((m[1], m[2], m[3]))
     for bank, index, value in items:
         try:
-            out.setdefault(bank, {})[int(index)] = bytes.fromhex(value.removeprefix("0x"))
+            pcr, raw = int(index), bytes.fromhex(value.removeprefix("0x"))
         except ValueError as exc:
             raise InputFileError(f"{where}: bad value for {bank} PCR {index}") from exc
+        if pcr in out.setdefault(bank, {}):
+            # Two readings of one PCR: which one the TPM quoted is a guess; refuse to make it.
+            raise InputFileError(f"{where}: {bank} PCR {pcr} is given twice")
+        out[bank][pcr] = raw
     return out
 
 

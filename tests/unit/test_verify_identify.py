@@ -16,6 +16,7 @@ import pytest
 
 from builder import cli
 from builder.dsse import load_trust
+from builder.errors import InputFileError
 from builder.publish import publish
 from builder.store.fetch import RollbackState, fetch
 from builder.store.local import LocalStore
@@ -119,3 +120,16 @@ def test_identify_names_the_release_that_booted(published, tmp_path, capsys) -> 
     assert cli.main([*argv, "--eventlog", str(bad), "--json"]) == 4
     doc = json.loads(capsys.readouterr().out)
     assert [len(d["releases"]) for d in doc] == [1, 0]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["sha256 7 " + "00" * 32 + "\nsha256 7 " + "11" * 32 + "\n",
+     '{"sha256": {"7": "' + "00" * 32 + '", "07": "' + "11" * 32 + '"}}'],
+    ids=["text", "json"],
+)  # fmt: skip
+def test_bug_a_pcr_given_twice_in_the_pcr_file_silently_took_the_last(text: str) -> None:
+    from builder.commands.verify import parse_pcrs
+
+    with pytest.raises(InputFileError, match=r"pcrs.txt: sha256 PCR 7 is given twice"):
+        parse_pcrs(text.encode(), "pcrs.txt")
