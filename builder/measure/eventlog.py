@@ -337,6 +337,12 @@ class EventLog:
                         f"{source}: event at offset {start} uses algorithm 0x{alg:04x} "
                         f"not in the Spec ID (offset {pos})"
                     )
+                if any(a == alg for a, _ in digests):
+                    # Which of two digests the TPM got is a guess: refuse, never pick one.
+                    raise InputFileError(
+                        f"{source}: event at offset {start} has two {bank_name(alg)} digests "
+                        f"(offset {pos})"
+                    )
                 if size - pos - 2 < dsize:
                     raise InputFileError(
                         f"{source}: truncated {bank_name(alg)} digest at offset {pos + 2}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import struct
@@ -166,8 +167,6 @@ def test_startup_locality_sets_pcr0_start() -> None:
     loc = el.Event(0, el.EV_NO_ACTION, ((0xB, bytes(32)),), b"StartupLocality\0\x03")
     sep = el.make_event(0, el.EV_SEPARATOR, bytes(4), ["sha256"])
     start = bytes(31) + b"\x03"
-    import hashlib
-
     digest = sep.digest("sha256")
     assert digest is not None
     assert el.replay([loc, sep], "sha256")[0] == hashlib.sha256(start + digest).digest()
@@ -262,3 +261,18 @@ def test_cli_platform_capture(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert (mine.log, mine.machine, mine.chain) == (shipped.log, shipped.machine, shipped.chain)
     assert mine.identity == {"firmware": "OVMF x", "secure_boot": True}
     assert mine.digest != shipped.digest
+
+
+def test_bug_an_event_with_two_digests_of_one_bank_was_accepted() -> None:
+    # Event.digest() and replay() took the first, another tool may take the last: refuse.
+    sep = el.make_event(4, el.EV_SEPARATOR, bytes(4), ["sha1", "sha256"])
+    good = bytes(el.EventLog.build([sep], ["sha1", "sha256"]))
+    twice = good[: len(good) - len(bytes(sep))] + (
+        struct.pack("<III", 4, el.EV_SEPARATOR, 2)
+        + struct.pack("<H", 0xB) + hashlib.sha256(bytes(4)).digest()
+        + struct.pack("<H", 0xB) + bytes(32)
+        + struct.pack("<I", 4) + bytes(4)
+    )  # fmt: skip
+    assert el.EventLog.parse(good).events == (sep,)
+    with pytest.raises(InputFileError, match=r"bad.bin: event at offset \d+ has two sha256"):
+        el.EventLog.parse(twice, source="bad.bin")
