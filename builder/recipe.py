@@ -127,13 +127,29 @@ class Recipe:
 # --------------------------------------------------------------------------- rendering
 
 
-def _make_env(folder: Path) -> jinja2.sandbox.SandboxedEnvironment:
-    return jinja2.sandbox.SandboxedEnvironment(
-        loader=jinja2.FileSystemLoader(str(folder)),
+class _NoIncludes(jinja2.BaseLoader):
+    """Refuses ``include``/``import``/``extends``: a file read that way would be an input that
+    neither the recipe digest nor the lock covers."""
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
+        raise jinja2.exceptions.TemplateNotFound(
+            template,
+            f"{template!r}: templates may not include other files; name every local input "
+            "in the recipe",
+        )
+
+
+def _make_env() -> jinja2.sandbox.SandboxedEnvironment:
+    env = jinja2.sandbox.SandboxedEnvironment(
+        loader=_NoIncludes(),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    # Random values must not reach an output: drop jinja's random text and random choice.
+    env.globals.pop("lipsum", None)
+    env.filters.pop("random", None)
+    return env
 
 
 def _template_line(exc: BaseException, name: str) -> int | None:
@@ -153,7 +169,7 @@ def render_template(path: Path, context: Mapping[str, Any]) -> str:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: cannot read: {exc}") from None
-    env = _make_env(path.parent)
+    env = _make_env()
     try:
         return env.from_string(text).render(**context)
     except jinja2.exceptions.SecurityError as exc:
@@ -171,6 +187,13 @@ def render_template(path: Path, context: Mapping[str, Any]) -> str:
     except jinja2.exceptions.TemplateError as exc:
         line = _template_line(exc, "<template>")
         raise RecipeError(f"{path}:{line or '?'}: template error: {exc}") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        # Raised by the template's own expressions ({{ 1/0 }}, {{ "a" + 1 }}): the recipe's
+        # fault, not ours.
+        line = _template_line(exc, "<template>")
+        raise RecipeError(
+            f"{path}:{line or '?'}: template error: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- YAML with marks
@@ -375,6 +398,11 @@ def _contained(folder: Path, rel: str, where: Where, key: str) -> Path:
         )
     if not resolved.is_file():
         raise RecipeError(f"{file}:{line}: {key}: {rel!r}: no such file")
+    try:
+        with resolved.open("rb"):
+            pass
+    except OSError as exc:
+        raise RecipeError(f"{file}:{line}: {key}: {rel!r}: cannot read: {exc.strerror}") from None
     return resolved
 
 
@@ -481,7 +509,9 @@ def _build(
         extra = set(pin) - _PIN_KEYS
         if extra:
             raise check.fail(
-                (*key, sorted(extra)[0]), "unknown key", hint="a pin has name, version and sha256"
+                (*key, sorted(extra, key=str)[0]),
+                "unknown key",
+                hint="a pin has name, version and sha256",
             )
         if missing:
             raise check.fail(key, f"missing {', '.join(sorted(missing))}")

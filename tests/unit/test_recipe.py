@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from builder.errors import RecipeError
-from builder.recipe import load_recipe, parse_variables
+from builder.recipe import load_recipe, parse_variables, render_template
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -153,3 +157,94 @@ def test_extends_loop_is_refused(recipes: Path) -> None:
 def test_bad_set_variable(pair: str) -> None:
     with pytest.raises(RecipeError, match="expected NAME=VALUE"):
         parse_variables([pair])
+
+
+# Regression: an expression that fails at render time ({{ 1/0 }}) escaped as a traceback.
+TEMPLATE_RUNTIME_ERRORS = {
+    "zero-division": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "str-plus-int": ('{{ "a" + 1 }}', "TypeError"),
+    "bad-format": ('{{ "%d" % "x" }}', "TypeError"),
+    "zero-step": ("{{ range(1, 2, 0) | list }}", "ValueError"),
+}
+
+
+@pytest.mark.parametrize(
+    "case", sorted(TEMPLATE_RUNTIME_ERRORS), ids=sorted(TEMPLATE_RUNTIME_ERRORS)
+)
+def test_template_runtime_error_is_one_line(tmp_path: Path, case: str) -> None:
+    expr, kind = TEMPLATE_RUNTIME_ERRORS[case]
+    template = tmp_path / "init.sh.j2"
+    template.write_text(f"#!/bin/sh\n{expr}\n")
+    with pytest.raises(RecipeError, match=rf"init\.sh\.j2:2: template error: {kind}") as info:
+        render_template(template, {})
+    assert "\n" not in info.value.one_line()
+
+
+def test_template_runtime_error_in_recipe_names_the_recipe(recipes: Path) -> None:
+    path = recipes / "debian-minimal.yaml"
+    path.write_text(path.read_text().replace("'1.0.0'", "1 / 0", 1))
+    with pytest.raises(RecipeError, match=r"debian-minimal\.yaml:5: template error"):
+        load_recipe(path)
+
+
+# Regression: {% include %} read a file that neither the recipe digest nor the lock covered,
+# so the image could change while the digest and the lock stayed the same.
+@pytest.mark.parametrize(
+    "statement",
+    ['{% include "files/motd" %}', '{% import "files/motd" as m %}', '{% extends "x.j2" %}'],
+    ids=["include", "import", "extends"],
+)
+def test_template_include_of_untracked_file_is_refused(recipes: Path, statement: str) -> None:
+    init = recipes / "init" / "init.sh.j2"
+    init.write_text(init.read_text() + statement + "\n")
+    with pytest.raises(RecipeError, match="may not include other files") as info:
+        render_template(init, {"name": "n", "version": "v", "modules": []})
+    assert "\n" not in info.value.one_line()
+
+
+# Regression: jinja's lipsum() and |random put random values into the initrd and the recipe.
+@pytest.mark.parametrize(
+    "expr", ["{{ lipsum(1) }}", "{{ [1, 2, 3] | random }}"], ids=["lipsum", "random"]
+)
+def test_template_random_values_are_refused(tmp_path: Path, expr: str) -> None:
+    template = tmp_path / "t.j2"
+    template.write_text(expr + "\n")
+    with pytest.raises(RecipeError, match=r"t\.j2:1: "):
+        render_template(template, {})
+
+
+# Regression: a local input the builder cannot read passed the recipe check and crashed
+# with a PermissionError traceback while hashing it.
+def test_unreadable_local_input_is_one_line(recipes: Path) -> None:
+    osrel = recipes / "files" / "os-release"
+    osrel.chmod(0)
+    script = (
+        "import sys\nfrom pathlib import Path\nfrom builder.errors import RecipeError\n"
+        "from builder.recipe import load_recipe\n"
+        "try:\n    load_recipe(Path(sys.argv[1]))\n"
+        "except RecipeError as exc:\n    print(exc.one_line())\n"
+    )
+    argv = [sys.executable, "-c", script, str(recipes / "debian-minimal.yaml")]
+    if os.geteuid() == 0:  # root reads anything: drop the capabilities that allow it
+        caps = "-dac_override,-dac_read_search"
+        argv = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *argv]
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, check=False, cwd=Path(__file__).parents[2]
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(
+        r".*debian-minimal\.yaml:\d+: uki\.osrel: 'files/os-release': cannot read: "
+        r"Permission denied\n",
+        proc.stdout,
+    )
+
+
+# Regression: two unknown keys of different types in a pin raised TypeError from sorted().
+def test_pin_with_unknown_keys_of_mixed_types(recipes: Path) -> None:
+    path = recipes / "debian-minimal.yaml"
+    text = path.read_text().replace(
+        f"    sha256: {SHA}\n", f"    sha256: {SHA}\n    1: x\n    y: z\n"
+    )
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=r"packages\.busybox\.1: unknown key"):
+        load_recipe(path)
