@@ -67,6 +67,7 @@ _MALFORMED = (
     KeyError,
     IndexError,
     OverflowError,
+    AttributeError,  # asn1crypto: a Void (absent) element where a structure must be
     UnsupportedAlgorithm,
     cx509.InvalidVersion,
 )
@@ -296,7 +297,8 @@ def read_certificate_table(data: bytes, image: PEImage) -> list[tuple[int, bytes
         try:
             info = parser.parse(blob)
         except ValueError as exc:
-            raise VerificationError(f"signature at offset {pos:#x} is not DER: {exc}") from exc
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise VerificationError(f"signature at offset {pos:#x} is not DER: {first}") from exc
         used = len(info[3]) + len(info[4]) + len(info[5])
         rest = blob[used:]
         if len(rest) >= WIN_CERT_ALIGN or any(rest):
@@ -332,7 +334,7 @@ def _verify_entry(
     data: bytes, offset: int, der: bytes, trusted: Sequence[cx509.Certificate]
 ) -> bool:
     """Check one signature fully; True when trusted, False when valid but not trusted."""
-    from asn1crypto import cms
+    from asn1crypto import cms, core
 
     from builder.secureboot import authenticode_asn1 as asn1
 
@@ -346,6 +348,8 @@ def _verify_entry(
     encap = signed["encap_content_info"]
     if encap["content_type"].dotted != SPC_INDIRECT_DATA_OBJID:
         raise VerificationError(f"{where}: content is not SpcIndirectDataContent")
+    if isinstance(encap["content"], core.Void):
+        raise VerificationError(f"{where}: no SpcIndirectDataContent (detached signature)")
     content = encap["content"].parse(asn1.SpcIndirectDataContent)
     if content["data"]["type"].dotted != SPC_PE_IMAGE_DATAOBJ:
         raise VerificationError(f"{where}: content is not SPC_PE_IMAGE_DATAOBJ")
@@ -417,6 +421,11 @@ def _verify_entry(
         public_key, rsa.RSAPublicKey
     ):
         raise VerificationError(f"{where}: unsupported signature algorithm {sig_algorithm}")
+    if sig_algorithm not in ("rsassa_pkcs1v15", f"{algorithm}_rsa"):
+        # The field is outside what the signature covers: it must at least agree with it.
+        raise VerificationError(
+            f"{where}: signature algorithm {sig_algorithm} disagrees with digest {algorithm}"
+        )
     attrs_contents = signed_attrs.contents
     to_verify = _der(0x31, attrs_contents)
     try:
@@ -460,7 +469,11 @@ def verify_pe(data: bytes, certs: Sequence[bytes]) -> None:
         try:
             ok = _verify_entry(data, offset, der, trusted) or ok
         except _MALFORMED as exc:
-            raise VerificationError(f"signature at offset {offset:#x} is malformed: {exc}") from exc
+            # asn1crypto appends "while parsing ..." lines: keep the message one line
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise VerificationError(
+                f"signature at offset {offset:#x} is malformed: {first}"
+            ) from exc
     if not ok:
         subjects = "; ".join(c.subject.rfc4514_string() for c in trusted)
         raise VerificationError(

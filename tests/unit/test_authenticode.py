@@ -376,3 +376,44 @@ def test_load_certificates_pem_and_der(db: KeyPair, ca: KeyPair) -> None:
     assert load_certificates(db.der, "x.der") == [db.der]
     with pytest.raises(InputFileError, match="no certificate"):
         load_certificates(b"\x00" * 3, "junk")
+
+
+def _with_signature(signed: bytes, der: bytes) -> bytes:
+    """``signed`` with its one WIN_CERTIFICATE replaced by one holding ``der``."""
+    image = parse_pe(signed)
+    length = 8 + len(der)
+    table = struct.pack("<IHH", length, 0x0200, 0x0002) + der + bytes(-length % 8)
+    out = bytearray(signed[: image.cert_table_offset] + table)
+    struct.pack_into("<II", out, image.cert_dir_offset, image.cert_table_offset, len(table))
+    return bytes(out)
+
+
+def test_bug_a_detached_signature_raised_attribute_error(signed: bytes, db: KeyPair) -> None:
+    info = _signature(signed)
+    info["content"]["encap_content_info"]["content"] = None
+    with pytest.raises(VerificationError, match="no SpcIndirectDataContent"):
+        verify_pe(_with_signature(signed, info.dump(force=True)), [db.der])
+
+
+def test_bug_the_unsigned_signature_algorithm_could_name_another_hash(
+    signed: bytes, db: KeyPair
+) -> None:
+    info = _signature(signed)
+    info["content"]["signer_infos"][0]["signature_algorithm"] = {
+        "algorithm": "sha1_rsa",
+        "parameters": None,
+    }
+    tampered = _with_signature(signed, info.dump(force=True))
+    with pytest.raises(VerificationError, match="sha1_rsa disagrees with digest sha256"):
+        verify_pe(tampered, [db.der])
+
+
+def test_bug_a_malformed_signature_error_spanned_several_lines(
+    signed: bytes, db: KeyPair
+) -> None:
+    info = _signature(signed)
+    encap = info["content"]["encap_content_info"]
+    encap["content"] = cms.ParsableOctetString(b"\x30\x03\x02\x01\x01")
+    with pytest.raises(VerificationError, match="malformed") as caught:
+        verify_pe(_with_signature(signed, info.dump(force=True)), [db.der])
+    assert "\n" not in caught.value.one_line()
