@@ -408,9 +408,7 @@ def test_bug_the_unsigned_signature_algorithm_could_name_another_hash(
         verify_pe(tampered, [db.der])
 
 
-def test_bug_a_malformed_signature_error_spanned_several_lines(
-    signed: bytes, db: KeyPair
-) -> None:
+def test_bug_a_malformed_signature_error_spanned_several_lines(signed: bytes, db: KeyPair) -> None:
     info = _signature(signed)
     encap = info["content"]["encap_content_info"]
     encap["content"] = cms.ParsableOctetString(b"\x30\x03\x02\x01\x01")
