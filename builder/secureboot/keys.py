@@ -297,6 +297,12 @@ def load_keyset(directory: Path, *, at: datetime.datetime | None = None) -> KeyS
     for role in ROLES:
         p = paths[role]
         pem = _read(p.crt, f"{role} certificate")
+        if b"PRIVATE KEY" in pem:
+            # A combined cert+key PEM: the .crt is published with every build.
+            raise InputFileError(
+                f"{p.crt}: holds a private key; a .crt must hold only the certificate",
+                hint=f"keep the private key in {p.key.name} only",
+            )
         try:
             cert = x509.load_pem_x509_certificate(pem)
         except ValueError as exc:
@@ -321,7 +327,10 @@ def load_keyset(directory: Path, *, at: datetime.datetime | None = None) -> KeyS
         prints[role] = fingerprint(der)
     for role in ROLES:
         p = paths[role]
-        auth = esl.AuthenticatedVariable.parse(_read(p.auth, f"{role} authenticated update"))
+        try:
+            auth = esl.AuthenticatedVariable.parse(_read(p.auth, f"{role} authenticated update"))
+        except InputFileError as exc:
+            raise InputFileError(f"{p.auth}: {exc.message}", hint=exc.hint) from None
         if auth.data != p.esl.read_bytes():
             raise InputFileError(f"{p.auth}: data differs from {p.esl.name}")
         try:
@@ -330,6 +339,8 @@ def load_keyset(directory: Path, *, at: datetime.datetime | None = None) -> KeyS
             raise InputFileError(
                 f"{p.auth}: not signed by {AUTH_SIGNER[role]} ({exc.message})"
             ) from None
+        except InputFileError as exc:
+            raise InputFileError(f"{p.auth}: {exc.message}", hint=exc.hint) from None
     return KeySet(
         directory=directory,
         owner_guid=owner,

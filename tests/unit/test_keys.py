@@ -169,6 +169,15 @@ def _break(directory: Path, problem: str) -> None:
         meta = json.loads((directory / "keyset.json").read_text())
         meta["certificates"]["PK"]["sha256"] = "00" * 32
         (directory / "keyset.json").write_text(json.dumps(meta))
+    elif problem == "crt-holds-private-key":
+        with (directory / "PK.crt").open("ab") as f:
+            f.write((directory / "PK.key").read_bytes())
+    elif problem == "auth-truncated":
+        (directory / "db.auth").write_bytes((directory / "db.auth").read_bytes()[:100])
+    elif problem == "auth-garbled-pkcs7":
+        data = bytearray((directory / "db.auth").read_bytes())
+        data[40:200] = bytes(b ^ 0x5A for b in data[40:200])
+        (directory / "db.auth").write_bytes(data)
     elif problem == "bad-guid":
         meta = json.loads((directory / "keyset.json").read_text())
         meta["owner_guid"] = "nope"
@@ -187,6 +196,12 @@ PROBLEMS = {
     "auth-wrong-signer": r"KEK\.auth: not signed by PK",
     "fingerprint": r"keyset\.json: sha256 of PK does not match PK\.crt",
     "bad-guid": r"keyset\.json: owner_guid 'nope' is no GUID",
+    # Regression: a combined cert+key PEM loaded fine, and the build copied the .crt (with the
+    # private key) into the published keys/ folder.
+    "crt-holds-private-key": r"PK\.crt: holds a private key",
+    # Regression: a damaged .auth gave an error that did not name the file.
+    "auth-truncated": r"db\.auth: WIN_CERTIFICATE at offset 0x10: dwLength \d+ out of range",
+    "auth-garbled-pkcs7": r"db\.auth: EFI_VARIABLE_AUTHENTICATION_2: bad PKCS#7",
 }
 
 
