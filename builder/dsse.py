@@ -209,7 +209,7 @@ def parse_trust(data: bytes, where: str) -> Trust:
         at = f"{where}: entry {i}"
         if not isinstance(record, dict) or not isinstance(record.get("public_key"), str):
             raise InputFileError(f"{at}: needs a 'public_key' PEM string")
-        key = load_public_key(record["public_key"].encode("ascii"), at)
+        key = load_public_key(record["public_key"].encode("utf-8"), at)
         keyid = keyid_of(key)
         if record.get("keyid", keyid) != keyid:
             raise InputFileError(

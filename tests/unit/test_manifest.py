@@ -299,3 +299,9 @@ def test_bug_signed_index_with_a_version_twice_was_accepted(key_and_trust) -> No
     c = IndexEntry("1.0.1", "aa" * 32, {"../x.efi": "bb" * 32})
     with pytest.raises(VerificationError, match="safe relative path"):
         ReleaseIndex.verify(ReleaseIndex("debian-minimal", 1, (c,)).sign(key), trust)
+
+
+def test_bug_a_non_ascii_trust_file_key_was_a_unicode_traceback() -> None:
+    bad = [{"public_key": "-----BEGIN PUBLIC KEY-----\u00e9\n-----END PUBLIC KEY-----\n"}]
+    with pytest.raises(InputFileError, match=r"trust.json: entry 0: not a PEM public key"):
+        dsse.parse_trust(json.dumps(bad).encode(), "trust.json")
