@@ -51,14 +51,15 @@ def parse_pcrs(data: bytes, where: str) -> dict[str, dict[int, bytes]]:
     if text.lstrip().startswith("{"):
         try:
             doc = json.loads(text)
-            items: list[tuple[str, str, str]] = [
-                (bank, str(i), str(v))
-                for bank, values in doc.items()
-                if isinstance(values, Mapping)
-                for i, v in values.items()
-            ]
+            banks = list(doc.items())
         except (ValueError, AttributeError) as exc:
             raise InputFileError(f"{where}: not a JSON object of banks ({exc})") from exc
+        items: list[tuple[str, str, str]] = []
+        for bank, values in banks:
+            if not isinstance(values, Mapping):
+                # skipping it would read as "the TPM reported nothing for this bank"
+                raise InputFileError(f"{where}: bank {bank!r} is not an object of PCR values")
+            items += [(bank, str(i), str(v)) for i, v in values.items()]
     else:
         items = []
         for n, line in enumerate(text.splitlines(), 1):

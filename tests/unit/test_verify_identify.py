@@ -133,3 +133,10 @@ def test_bug_a_pcr_given_twice_in_the_pcr_file_silently_took_the_last(text: str)
 
     with pytest.raises(InputFileError, match=r"pcrs.txt: sha256 PCR 7 is given twice"):
         parse_pcrs(text.encode(), "pcrs.txt")
+
+
+def test_bug_a_pcr_file_bank_that_is_not_an_object_was_skipped() -> None:
+    from builder.commands.verify import parse_pcrs
+
+    with pytest.raises(InputFileError, match=r"pcrs.json: bank 'sha256' is not an object"):
+        parse_pcrs(b'{"sha256": ["00"]}', "pcrs.json")
