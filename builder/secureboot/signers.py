@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,8 @@ def read_secret(
             return file.read_text(encoding="utf-8").splitlines()[0] if file.stat().st_size else ""
         except OSError as exc:
             raise InputFileError(f"{file}: cannot read the {what}: {exc.strerror}") from None
+        except UnicodeDecodeError:  # the decoder's message would quote the secret's bytes
+            raise InputFileError(f"{file}: the {what} is not UTF-8 text") from None
     if env is not None:
         if env not in os.environ:
             raise UserInputError(f"environment variable {env} (the {what}) is not set")
@@ -182,13 +185,16 @@ class PKCS11Uri:
         if not uri.startswith("pkcs11:"):
             raise UserInputError(f"not a PKCS#11 URI: {uri!r}")
         path, _, query = uri[len("pkcs11:") :].partition("?")
-        attrs = _uri_attrs(path, ";", uri)
-        params = _uri_attrs(query, "&", uri)
-        if "pin-value" in params:
+        # Before anything can echo the URI in an error: a PIN in it, as a path attribute or a
+        # query one, is refused (and never printed).
+        names = {part.partition("=")[0] for part in re.split("[;&]", f"{path};{query}")}
+        if "pin-value" in {urllib.parse.unquote(n) for n in names}:
             raise UserInputError(
                 "PKCS#11 URI carries pin-value: secrets never go on the command line",
                 hint=f"use pin-source=file:PATH or set {DEFAULT_PIN_ENV}",
             )
+        attrs = _uri_attrs(path, ";", uri)
+        params = _uri_attrs(query, "&", uri)
         for needed, where in (("token", attrs), ("object", attrs), ("module-path", params)):
             if needed not in where:
                 raise UserInputError(f"PKCS#11 URI has no {needed}=: {uri!r}")

@@ -120,6 +120,41 @@ def test_pkcs11_pin_value_refused() -> None:
         open_signer(f"pkcs11:token=t;object=o?module-path={MODULE}&pin-value=1", EXAMPLE / "db.crt")
 
 
+# Regression: pin-value as a path attribute was silently accepted, and a URI with another
+# mistake was echoed whole, PIN included, in the error line.
+PIN_IN_URI = {
+    "path-attribute": f"pkcs11:token=t;object=o;pin-value=98765?module-path={MODULE}",
+    "path-attribute-encoded": f"pkcs11:token=t;object=o;pin%2Dvalue=98765?module-path={MODULE}",
+    "beside-a-malformed-attribute": "pkcs11:token=t;object=o;oops?pin-value=98765&module-path=/x",
+    "with-a-missing-attribute": "pkcs11:token=t;pin-value=98765",
+}
+
+
+@pytest.mark.parametrize("uri", PIN_IN_URI.values(), ids=PIN_IN_URI.keys())
+def test_pkcs11_pin_value_refused_and_never_echoed(uri: str) -> None:
+    with pytest.raises(UserInputError, match="pin-value") as info:
+        open_signer(uri, EXAMPLE / "db.crt")
+    assert "98765" not in info.value.one_line()
+
+
+# Regression: a passphrase file that is not UTF-8 escaped as a UnicodeDecodeError traceback
+# whose message quoted the secret's bytes.
+def test_passphrase_file_not_utf8(tmp_path: Path) -> None:
+    key = serialization.load_pem_private_key((EXAMPLE / "db.key").read_bytes(), password=None)
+    secret = b"\xffpass\xfe"
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(secret),
+    )
+    (tmp_path / "db.key").write_bytes(pem)
+    (tmp_path / "pass").write_bytes(secret + b"\n")
+    spec = f"file:{tmp_path / 'db.key'}?passphrase-file={tmp_path / 'pass'}"
+    with pytest.raises(InputFileError, match=r"pass: the passphrase of .* is not UTF-8") as info:
+        open_signer(spec, EXAMPLE / "db.crt")
+    assert "0xff" not in info.value.one_line()
+
+
 @pytest.fixture
 def encrypted_key(tmp_path: Path) -> Path:
     key = serialization.load_pem_private_key((EXAMPLE / "db.key").read_bytes(), password=None)
