@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from builder import __version__
 from builder.disk import DiskLayout, gpt_event_data, make_disk
@@ -41,7 +42,7 @@ from builder.recipe import Recipe, load_recipe, render_template
 from builder.secureboot.authenticode import sign_pe
 from builder.secureboot.keys import KeySet, load_keyset
 from builder.secureboot.signer import Signer
-from builder.secureboot.signers import open_signer
+from builder.secureboot.signers import load_certificate, open_signer
 from builder.secureboot.varstore import make_varstore
 from builder.uki import UKISection, make_uki
 
@@ -99,6 +100,7 @@ def build(
     check_signer(signer, keyset)
     outdir = out_root / recipe.name / recipe.version
     with staging_dir(outdir) as stage:
+        stage.chmod(0o755)  # mkdtemp makes it 0700; the build is for others to read
         ctx = _Context(recipe, keyset, signer, offline, stage, {}, {}, [], lock)
         _stage(say, "fetch inputs", fetch_inputs, ctx)
         _stage(say, "make initrd", make_initrd_stage, ctx)
@@ -126,7 +128,11 @@ def check_recipe_lock(recipe: Recipe) -> Lock | None:
     path = recipe.lock_file
     if not path.exists():
         return None
-    lock = Lock.from_json(path.read_bytes(), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read the lock file: {exc.strerror}") from None
+    lock = Lock.from_json(data, str(path))
     try:
         check_lock(lock, recipe.packages, recipe.locked_files)
     except PinError as exc:
@@ -278,7 +284,10 @@ def sign_stage(ctx: _Context) -> None:
     uki = ctx.outputs[ctx.recipe.uki_filename]
     _write(ctx, ctx.recipe.uki_filename, sign_pe(uki.read_bytes(), ctx.signer))
     for name in ("PK", "KEK", "db"):
-        _write(ctx, f"keys/{name}.crt", ctx.keyset.paths[name].crt.read_bytes())
+        # PEM made from the checked DER: nothing else in the .crt file (a private key in a
+        # combined PEM, bag attributes) can reach the output.
+        cert = x509.load_der_x509_certificate(ctx.keyset.certificate(name))
+        _write(ctx, f"keys/{name}.crt", cert.public_bytes(serialization.Encoding.PEM))
 
 
 def loader_conf(recipe: Recipe) -> bytes:
@@ -342,7 +351,10 @@ def make_varstore_stage(ctx: _Context) -> None:
     data = make_varstore(
         template,
         ctx.keyset,
-        extra_db=tuple(p.read_bytes() for p in ctx.recipe.extra_db),
+        extra_db=tuple(
+            load_certificate(p).public_bytes(serialization.Encoding.DER)
+            for p in ctx.recipe.extra_db
+        ),
         dbx_sha256=tuple(bytes.fromhex(h) for h in ctx.recipe.dbx),
         source_date_epoch=ctx.recipe.source_date_epoch,
     )

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -41,25 +43,34 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run_build)
 
 
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    # Unwinds like Ctrl-C, so the staging folder is removed instead of left in --out.
+    raise SystemExit(128 + signum)
+
+
 def run_build(args: argparse.Namespace) -> int:
     from builder.pipeline import build
 
     console = Console(stderr=True, highlight=False)
-    with console.status("build") as status:
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with console.status("build") as status:
 
-        def progress(stage: str) -> None:
-            status.update(f"build: {stage}")
-            console.log(stage)
+            def progress(stage: str) -> None:
+                status.update(f"build: {stage}")
+                console.log(stage)
 
-        result = build(
-            args.recipe,
-            variables=parse_variables(args.variables),
-            out_root=args.out,
-            keys=args.keys,
-            signer_spec=args.signer,
-            offline=args.offline,
-            progress=progress,
-        )
+            result = build(
+                args.recipe,
+                variables=parse_variables(args.variables),
+                out_root=args.out,
+                keys=args.keys,
+                signer_spec=args.signer,
+                offline=args.offline,
+                progress=progress,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for record in result.artifacts:
         print(f"{record['sha256']}  {record['size']:>11}  {result.outdir / record['path']}")
     print(f"built {result.recipe.name} {result.recipe.version} in {result.outdir}", file=sys.stderr)

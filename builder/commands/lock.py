@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from builder.errors import UserInputError
+from builder.errors import InputFileError, UserInputError
 from builder.fsutil import write_atomic
 from builder.inputs import Lock, make_lock, update_pins
 
@@ -45,7 +45,13 @@ def handle(args: argparse.Namespace) -> int:
             print("all pins are current")
         recipe = load_recipe(args.recipe, variables)
     target = recipe.lock_file
-    previous = Lock.from_json(target.read_bytes(), str(target)) if target.exists() else None
+    previous = None
+    if target.exists():
+        try:
+            data = target.read_bytes()
+        except OSError as exc:
+            raise InputFileError(f"{target}: cannot read the lock file: {exc.strerror}") from None
+        previous = Lock.from_json(data, str(target))
     lock = make_lock(recipe.packages, recipe.locked_files, offline=args.offline, previous=previous)
     write_atomic(target, lock.to_json())
     print(f"wrote {target}")

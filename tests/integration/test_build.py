@@ -176,3 +176,18 @@ def test_changing_only_the_db_key_moves_pcr_7_alone(
     assert _changed(default_build, fresh_keys_build) == {7}
     record = json.loads((fresh_keys_build / "build.json").read_text())
     assert record["signer"]["example_keys"] is False
+
+
+# Regression: the output folder kept mkdtemp's 0700, so no other user (a web server, an
+# uploader) could read a build.
+def test_output_folder_is_readable_by_others(default_build: Path) -> None:
+    assert default_build.stat().st_mode & 0o777 == 0o755
+
+
+def test_published_certificates_are_only_certificates(default_build: Path) -> None:
+    from cryptography import x509
+
+    for role in ("PK", "KEK", "db"):
+        pem = (default_build / "keys" / f"{role}.crt").read_bytes()
+        assert pem.count(b"-----BEGIN") == 1
+        x509.load_pem_x509_certificate(pem)

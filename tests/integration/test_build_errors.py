@@ -173,3 +173,76 @@ def test_bad_recipe_through_the_cli(recipe_copy: Path, tmp_path: Path) -> None:
     proc = bootchain("build", recipe_copy, "--out", out, check=False)
     assert_one_line_failure(proc, out, r"debian-minimal\.yaml:\d+: colour: unknown key")
     assert proc.returncode == 2
+
+
+# Regression: a lock file the builder could not read (here a folder) crashed with a traceback.
+def test_unreadable_lock_file_is_one_line(tmp_path: Path) -> None:
+    dest = tmp_path / "recipes"
+    shutil.copytree(RECIPES, dest)
+    lock = dest / "debian-minimal.lock.json"
+    lock.unlink()
+    lock.mkdir()
+    out = tmp_path / "out"
+    proc = bootchain("build", dest / "debian-minimal.yaml", "--out", out, "--offline", check=False)
+    assert_one_line_failure(proc, out, r"debian-minimal\.lock\.json: cannot read the lock file")
+
+
+# Regression: an extra_db file that is no certificate failed with a line that did not name it.
+def test_extra_db_that_is_no_certificate_names_the_file(recipe_copy: Path, tmp_path: Path) -> None:
+    (recipe_copy.parent / "files" / "extra.crt").write_bytes(b"not a certificate\n")
+    text = recipe_copy.read_text()
+    recipe_copy.write_text(
+        text.replace("secureboot:\n", "secureboot:\n  extra_db: [files/extra.crt]\n")
+    )
+    out = tmp_path / "out"
+    proc = bootchain("build", recipe_copy, "--out", out, "--offline", check=False)
+    assert_one_line_failure(proc, out, r"files/extra\.crt: not an X\.509 certificate")
+
+
+# Regression: SIGTERM (CI timeouts, `timeout`, systemd) killed the build without unwinding, and
+# the half-written staging folder stayed in the output folder.
+def test_sigterm_leaves_nothing_in_the_output_folder(recipe_copy: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "builder.cli", "build", str(recipe_copy), "--out", str(out)]
+    proc = subprocess.Popen(
+        [*cmd, "--offline"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob("*/.*.partial")):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "no staging folder appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr, stderr
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+
+
+def test_lock_verb_with_unreadable_lock_file_is_one_line(tmp_path: Path) -> None:
+    dest = tmp_path / "recipes"
+    shutil.copytree(RECIPES, dest)
+    lock = dest / "debian-minimal.lock.json"
+    lock.unlink()
+    lock.mkdir()
+    proc = bootchain("lock", dest / "debian-minimal.yaml", "--offline", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"bootchain: error: {lock}: cannot read the lock file: Is a directory"
+    ]
