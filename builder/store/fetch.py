@@ -50,8 +50,15 @@ class RollbackState:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, dict[str, object]]]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.with_suffix(".lock").open("a") as lock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            lock = self.path.with_suffix(".lock").open("a")
+        except OSError as exc:
+            raise InputFileError(
+                f"{self.path.parent}: cannot keep rollback state here ({exc.strerror})",
+                hint="set BOOTCHAIN_STATE to a writable folder",
+            ) from exc
+        with lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 seen = self._read()

@@ -380,3 +380,12 @@ def test_bug_an_unwritable_fetch_destination_was_a_traceback(env, tmp_path: Path
         fetch(store, NAME, "stable", trust, tmp_path / "file", artifacts=True, state=state)
     assert (tmp_path / "file").read_text() == "not a folder"
     assert not state.path.exists()  # nothing remembered for a fetch that failed
+
+
+def test_bug_an_unusable_rollback_state_folder_was_a_traceback(env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    store, key, trust, _ = env
+    publish(make_outdir(tmp_path / "o"), store, key, "stable")
+    (tmp_path / "state-file").write_text("")
+    state = RollbackState(tmp_path / "state-file" / "sub")
+    with pytest.raises(InputFileError, match=r"state-file/sub: cannot keep rollback state"):
+        fetch(store, NAME, "stable", trust, tmp_path / "got", state=state)
