@@ -584,6 +584,10 @@ def _build(
 
     root = path.parent
     plain = _plain(d, root)
+    # The key set folder is a place on this host (relative to the working folder), not an
+    # image input: its path must not reach the digest or build.json. The keys themselves are
+    # recorded by fingerprint.
+    plain["secureboot"] = {k: v for k, v in plain["secureboot"].items() if k != "keys"}
     recipe_digest = hashlib.sha256(
         json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
     ).hexdigest()

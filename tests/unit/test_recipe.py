@@ -248,3 +248,15 @@ def test_pin_with_unknown_keys_of_mixed_types(recipes: Path) -> None:
     path.write_text(text)
     with pytest.raises(RecipeError, match=r"packages\.busybox\.1: unknown key"):
         load_recipe(path)
+
+
+# Regression: secureboot.keys (a folder on the build host, often absolute) went into the recipe
+# digest and build.json, so the same image built with keys in another folder differed.
+def test_key_set_folder_is_not_part_of_the_digest(recipes: Path) -> None:
+    path = recipes / "debian-minimal.yaml"
+    one = load_recipe(path, {"keys": "keys.example"})
+    two = load_recipe(path, {"keys": "/home/someone/customer-keys"})
+    assert two.keys == Path("/home/someone/customer-keys")
+    assert one.digest == two.digest
+    assert "keys" not in one.data["secureboot"]
+    assert "/home/someone" not in repr(two.data)
