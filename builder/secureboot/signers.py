@@ -19,16 +19,17 @@ import hashlib
 import os
 import re
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from builder.errors import InputFileError, UserInputError
+from builder.errors import InputFileError, StoreError, UserInputError
 from builder.secureboot.signer import Signer
 
 DEFAULT_PASSPHRASE_ENV = "BOOTCHAIN_KEY_PASSPHRASE"  # noqa: S105 - a variable name
@@ -332,6 +333,29 @@ class PKCS11Signer:
         self._session.close()
 
 
+_T = TypeVar("_T")
+
+
+def _kms(key_id: str, what: str, call: Callable[[], _T]) -> _T:
+    """``call()``, with AWS SDK failures turned into one line naming the key."""
+    import botocore.exceptions
+
+    try:
+        return call()
+    except botocore.exceptions.NoRegionError:
+        raise UserInputError(
+            f"KMS key {key_id}: no AWS region configured",
+            hint="use kms:KEY?region=REGION or set AWS_REGION",
+        ) from None
+    except botocore.exceptions.NoCredentialsError:
+        raise UserInputError(
+            f"KMS key {key_id}: no AWS credentials found",
+            hint="configure credentials as for the aws CLI (environment, profile or role)",
+        ) from None
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise StoreError(f"KMS key {key_id}: {what} failed: {exc}") from None
+
+
 class KMSSigner:
     """An asymmetric RSA key in AWS KMS (kms:Sign, RSASSA_PKCS1_V1_5_SHA_256, DIGEST)."""
 
@@ -340,10 +364,12 @@ class KMSSigner:
         if client is None:
             import boto3  # only needed for this backend
 
-            client = boto3.client("kms")
+            client = _kms(key_id, "connecting", lambda: boto3.client("kms"))
         self._client = client
         self._key_id = key_id
-        public = client.get_public_key(KeyId=key_id)["PublicKey"]
+        public = _kms(key_id, "GetPublicKey", lambda: client.get_public_key(KeyId=key_id))[
+            "PublicKey"
+        ]
         if bytes(public) != _spki(cert):
             raise InputFileError(
                 f"{cert_path}: certificate does not match KMS key {key_id}",
@@ -360,11 +386,15 @@ class KMSSigner:
         return f"kms:{self._key_id}"
 
     def sign(self, data: bytes) -> bytes:
-        answer = self._client.sign(
-            KeyId=self._key_id,
-            Message=hashlib.sha256(data).digest(),
-            MessageType="DIGEST",
-            SigningAlgorithm="RSASSA_PKCS1_V1_5_SHA_256",
+        answer = _kms(
+            self._key_id,
+            "Sign",
+            lambda: self._client.sign(
+                KeyId=self._key_id,
+                Message=hashlib.sha256(data).digest(),
+                MessageType="DIGEST",
+                SigningAlgorithm="RSASSA_PKCS1_V1_5_SHA_256",
+            ),
         )
         return bytes(answer["Signature"])
 
@@ -398,7 +428,8 @@ def open_signer(spec: str, cert: Path) -> Signer:
         if "region" in params:
             import boto3
 
-            client = boto3.client("kms", region_name=params["region"])
+            region = params["region"]
+            client = _kms(key_id, "connecting", lambda: boto3.client("kms", region_name=region))
         return KMSSigner(key_id, cert, client=client)
     raise UserInputError(
         f"unknown key scheme {scheme!r} in {spec!r}", hint="use file:PATH, pkcs11:URI or kms:KEY"

@@ -15,7 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from builder.errors import InputFileError, UserInputError
+from builder.errors import InputFileError, StoreError, UserInputError
 from builder.secureboot import esl
 from builder.secureboot.signer import Signer
 from builder.secureboot.signers import FileSigner, KMSSigner, PKCS11Signer, open_signer
@@ -252,3 +252,32 @@ def test_kms_signer_contract() -> None:
     assert kms.description == "kms:alias/db"
     with pytest.raises(InputFileError, match="certificate does not match KMS key"):
         KMSSigner("alias/db", EXAMPLE / "KEK.crt", client=client)
+
+
+# Regression: every AWS SDK failure (no region, no credentials, no connection) escaped from the
+# KMS backend as a botocore traceback.
+def test_kms_without_region_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    with pytest.raises(UserInputError, match="KMS key abc: no AWS region configured"):
+        open_signer("kms:abc", EXAMPLE / "db.crt")
+
+
+def test_kms_without_credentials_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(UserInputError, match="KMS key abc: no AWS credentials found"):
+        open_signer("kms:abc?region=eu-west-1", EXAMPLE / "db.crt")
+
+
+def test_kms_unreachable_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", "http://127.0.0.1:9")  # discard port: refused
+    with pytest.raises(StoreError, match="KMS key abc: GetPublicKey failed: Could not connect"):
+        open_signer("kms:abc?region=eu-west-1", EXAMPLE / "db.crt")
