@@ -42,7 +42,7 @@ from builder.recipe import Recipe, load_recipe, render_template
 from builder.secureboot.authenticode import sign_pe
 from builder.secureboot.keys import KeySet, load_keyset
 from builder.secureboot.signer import Signer
-from builder.secureboot.signers import load_certificate, open_signer
+from builder.secureboot.signers import FileSigner, load_certificate, open_signer
 from builder.secureboot.varstore import make_varstore
 from builder.uki import UKISection, make_uki
 
@@ -96,7 +96,10 @@ def build(
     say("check lock")
     lock = check_recipe_lock(recipe)
     keyset = load_keys(recipe, keys)
-    signer = open_signer(signer_spec or f"file:{keyset.paths['db'].key}", keyset.paths["db"].crt)
+    # The key set's own db key is opened directly: as a file: spec, a '?' in its folder name
+    # would be read as the start of options.
+    db = keyset.paths["db"]
+    signer = open_signer(signer_spec, db.crt) if signer_spec else FileSigner(db.key, db.crt)
     check_signer(signer, keyset)
     outdir = out_root / recipe.name / recipe.version
     with staging_dir(outdir) as stage:

@@ -246,3 +246,17 @@ def test_lock_verb_with_unreadable_lock_file_is_one_line(tmp_path: Path) -> None
     assert proc.stderr.strip().splitlines() == [
         f"bootchain: error: {lock}: cannot read the lock file: Is a directory"
     ]
+
+
+# Regression: the key set's db key was opened as the spec "file:<folder>/db.key", so a '?' in
+# the folder name was taken for the start of options ("URI attribute without '='").
+def test_key_set_folder_with_a_question_mark(recipe_copy: Path, tmp_path: Path) -> None:
+    keys = tmp_path / "keys?2026"
+    shutil.copytree(ROOT / "keys.example", keys)
+    out = tmp_path / "out"
+    env = {**os.environ, "BOOTCHAIN_CACHE": str(tmp_path / "empty-cache")}
+    proc = bootchain(
+        "build", recipe_copy, "--keys", keys, "--out", out, "--offline", check=False, env=env
+    )
+    # The keys were accepted: the build got as far as the (empty) package cache.
+    assert_one_line_failure(proc, out, r"not in the cache .* and --offline was given")
