@@ -12,6 +12,7 @@ output folder as it was, never half-written.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -102,7 +103,15 @@ def build(
     signer = open_signer(signer_spec, db.crt) if signer_spec else FileSigner(db.key, db.crt)
     check_signer(signer, keyset)
     outdir = out_root / recipe.name / recipe.version
-    with staging_dir(outdir) as stage:
+    staging = contextlib.ExitStack()
+    try:
+        stage = staging.enter_context(staging_dir(outdir))
+    except OSError as exc:  # --out is a file, read-only, ...
+        raise UserInputError(
+            f"{exc.filename or outdir}: cannot make the output folder: {exc.strerror}",
+            hint="choose another --out",
+        ) from None
+    with staging:
         stage.chmod(0o755)  # mkdtemp makes it 0700; the build is for others to read
         ctx = _Context(recipe, keyset, signer, offline, stage, {}, {}, [], lock)
         _stage(say, "fetch inputs", fetch_inputs, ctx)

@@ -260,3 +260,18 @@ def test_key_set_folder_with_a_question_mark(recipe_copy: Path, tmp_path: Path) 
     )
     # The keys were accepted: the build got as far as the (empty) package cache.
     assert_one_line_failure(proc, out, r"not in the cache .* and --offline was given")
+
+
+# Regression: an --out that cannot hold folders (a file, a read-only folder) was a traceback.
+def test_out_that_is_a_file_is_one_line(recipe_copy: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.write_text("not a folder\n")
+    proc = bootchain("build", recipe_copy, "--out", out, "--offline", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("bootchain: error:")]
+    assert errors == [
+        f"bootchain: error: {out}/debian-minimal: cannot make the output folder: "
+        "Not a directory (hint: choose another --out)"
+    ]
+    assert out.read_text() == "not a folder\n"
