@@ -368,8 +368,15 @@ def run_negative(
     progress: Callable[[str, str, float], None] | None = None,
 ) -> list[NegativeResult]:
     """Boot each negative case (stopping at the refusal); write boot-negative.json."""
-    build = load_build(outdir)
     names = list(cases) if cases is not None else [*NEGATIVE_CASES, EDITED_MEASUREMENTS]
+    known = [*NEGATIVE_CASES, EDITED_MEASUREMENTS]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise UserInputError(
+            f"unknown negative case {unknown[0]!r}" if unknown else "no negative case to run",
+            hint=f"one of {', '.join(known)}",
+        )
+    build = load_build(outdir)
     results: list[NegativeResult] = []
     logs = outdir / "boot-negative"
     logs.mkdir(exist_ok=True)
@@ -413,7 +420,7 @@ def run_negative(
             results.append(NegativeResult(name, NEGATIVE_CASES[name], ok, detail, result.duration))
     doc = {
         "schema": NEGATIVE_SCHEMA,
-        "ok": all(r.ok for r in results),
+        "ok": bool(results) and all(r.ok for r in results),
         "cases": [
             {
                 "name": r.name,

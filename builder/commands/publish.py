@@ -31,6 +31,13 @@ def register(subparsers: Any) -> None:
         "--key", type=Path, required=True, metavar="RELEASE_KEY", help="release.key (PEM)"
     )
     parser.add_argument(
+        "--trust",
+        type=Path,
+        metavar="TRUST",
+        help="keys whose signatures on what the store holds already are accepted (a trust file "
+        "or release.pub; default: the publishing key only) — for key rotation",
+    )
+    parser.add_argument(
         "--allow-example-keys",
         action="store_true",
         help="publish images signed with keys.example/ to a remote store anyway",
@@ -61,7 +68,7 @@ def progress_bar(total: int, label: str) -> Iterator[Progress | None]:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from builder.dsse import load_release_key
+    from builder.dsse import load_release_key, load_trust
     from builder.manifest import manifest_from_build
     from builder.publish import publish
     from builder.store.base import open_store
@@ -77,6 +84,7 @@ def handler(args: argparse.Namespace) -> int:
             args.channel,
             allow_example_keys=args.allow_example_keys,
             progress=progress,
+            trust=load_trust(args.trust) if args.trust is not None else None,
         )
     what = "published" if result.manifest_created else "already published"
     print(f"{result.name} {result.version} {what} to {store.url}")

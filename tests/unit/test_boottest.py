@@ -60,3 +60,12 @@ def test_negative_case_names() -> None:
         "bootloader-unsigned",
         "varstore-foreign-db",
     }
+
+
+@pytest.mark.parametrize("cases", [[], ["no-such-case"]], ids=["none", "unknown"])
+def test_bug_negative_suite_with_no_or_unknown_case_is_an_error(
+    cases: list[str], tmp_path: Path
+) -> None:
+    """Regression: no case made an empty suite that reported ok; an unknown one a KeyError."""
+    with pytest.raises(UserInputError, match="negative case"):
+        boottest.run_negative(tmp_path, cases=cases)
