@@ -280,6 +280,8 @@ _REQUIRED: tuple[KeyPath, ...] = (
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~_-]{0,63}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_PACKAGE_RE = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")  # Debian policy 5.6.1
+_DEB_VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+~:-]*$")  # Debian policy 5.6.12
 _MODULE_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 _GUID_RE = re.compile(r"^[0-9A-Fa-f]{8}-([0-9A-Fa-f]{4}-){3}[0-9A-Fa-f]{12}$")
 _TYPE_NAMES = {
@@ -518,6 +520,9 @@ def _build(
         for k in _PIN_KEYS:
             check.check_shape(pin[k], str, (*key, k))
         check.pattern(pin["sha256"], _SHA256_RE, (*key, "sha256"), "a lower-case sha256 hex")
+        # Both go on apt's command line: a leading '-' would be read as an option.
+        check.pattern(pin["name"], _PACKAGE_RE, (*key, "name"), "a Debian package name")
+        check.pattern(pin["version"], _DEB_VERSION_RE, (*key, "version"), "a Debian version")
         packages[role] = PackagePin(pin["name"], pin["version"], pin["sha256"])
 
     kernel = d["kernel"]

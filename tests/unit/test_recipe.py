@@ -123,6 +123,18 @@ BAD = {
     ),
     "missing-file": ("files/os-release", "files/nope", r"uki\.osrel: 'files/nope': no such file"),
     "missing-pin-field": (f"    sha256: {SHA}\n", "", r"packages\.busybox: missing sha256"),
+    # Regression: pin names and versions went unchecked onto apt's command line, where a
+    # leading '-' is an option ("-oDir::Etc::sourcelist=...").
+    "pin-name-is-an-option": (
+        "name: busybox-static",
+        "name: -oDir::Etc::sourcelist=/tmp/x",
+        r"packages\.busybox\.name: '-oDir::Etc::sourcelist=/tmp/x' is not a Debian package name",
+    ),
+    "pin-version-with-space": (
+        '"1:1.35.0-4+deb12u1+b1"',
+        '"1.35 -o"',
+        r"packages\.busybox\.version: '1\.35 -o' is not a Debian version",
+    ),
 }
 
 
