@@ -769,10 +769,17 @@ def _write_sparse(path: Path, size: int, writes: Sequence[tuple[int, bytes]]) ->
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.ftruncate(fd, size)
-        for offset, data in writes:
-            os.pwrite(fd, data, offset)
-        os.fsync(fd)
+        try:
+            os.ftruncate(fd, size)
+            for offset, data in writes:
+                os.pwrite(fd, data, offset)
+            os.fsync(fd)
+        except (OSError, OverflowError) as exc:  # EFBIG, ENOSPC, beyond off_t
+            reason = exc.strerror if isinstance(exc, OSError) else "too large"
+            raise UserInputError(
+                f"{path}: cannot write a {size >> 20} MiB disk image: {reason}",
+                hint="lower disk.size_mib or write elsewhere",
+            ) from None
         os.close(fd)
         fd = -1
         Path(tmp).chmod(0o644)

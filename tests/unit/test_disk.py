@@ -225,3 +225,14 @@ def test_rewrite_esp_keeps_gpt_and_changes_files(tmp_path: Path) -> None:
     assert (tmp_path / "c.img").read_bytes() == b  # same as building it that way
     with pytest.raises(UserInputError, match="no file"):
         disk.rewrite_esp(src, dst, {"nope": None}, source_date_epoch=SDE)
+
+
+# Regression: a disk larger than the file system allows (EFBIG from ftruncate) was an OSError
+# traceback, and the partial temp file had to be cleaned by hand.
+def test_disk_too_large_for_the_file_system_is_one_line(tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    for size_mib in (1 << 40, 1 << 44):  # EFBIG on ext4/tmpfs; beyond off_t everywhere
+        layout = disk.DiskLayout(size_mib=size_mib, esp_size_mib=36, partitions=())
+        with pytest.raises(UserInputError, match=r"disk\.img: cannot write a \d+ MiB disk"):
+            disk.make_disk(img, layout, FILES, seed=b"r", source_date_epoch=SDE)
+        assert list(tmp_path.iterdir()) == []
