@@ -155,6 +155,19 @@ def generate_keyset(
         raise UserInputError(
             f"unknown key algorithm {algorithm!r}", hint=f"use one of {', '.join(ALGORITHMS)}"
         )
+    longest = max(len(f"{subject_prefix} {role}") for role in ROLES)
+    if longest > 64:
+        raise UserInputError(
+            f"subject prefix {subject_prefix[:20]!r}... makes a {longest}-character common "
+            "name; X.509 allows 64",
+            hint=f"use at most {64 - 4} characters",
+        )
+    last = 253402300799  # 9999-12-31T23:59:59Z: X.509 and EFI_TIME end there
+    if not 0 <= source_date_epoch <= last - days * 86400:
+        raise UserInputError(
+            f"SOURCE_DATE_EPOCH {source_date_epoch}: certificates valid for {days} days from "
+            "then would not fit 1970..9999"
+        )
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise UserInputError(
             f"{directory}: exists and is not empty; refusing to overwrite a key set",

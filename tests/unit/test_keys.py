@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import stat
 import uuid
@@ -91,6 +92,36 @@ def test_refuses_to_overwrite(generated: Path) -> None:
 def test_unknown_algorithm(tmp_path: Path) -> None:
     with pytest.raises(UserInputError, match="unknown key algorithm"):
         generate_keyset(tmp_path / "x", source_date_epoch=SDE, algorithm="ed25519")
+
+
+# Regression: a long --subject (X.509 CN is at most 64 characters) and a SOURCE_DATE_EPOCH
+# outside the years certificates can express were ValueError tracebacks from cryptography.
+@pytest.mark.parametrize(
+    ("env", "args", "message"),
+    [
+        ({}, ["--subject", "x" * 61], r"makes a 65-character common name; X\.509 allows 64"),
+        ({"SOURCE_DATE_EPOCH": "-99999999999"}, [], r"SOURCE_DATE_EPOCH -99999999999: .*"),
+        ({"SOURCE_DATE_EPOCH": "99999999999999"}, [], r"would not fit 1970\.\.9999"),
+    ],
+    ids=["subject-too-long", "epoch-before-1970", "epoch-after-9999"],
+)
+def test_cli_generate_bad_values_are_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    args: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", str(SDE))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    target = tmp_path / "bad"
+    assert main(["keys", "generate", str(target), *args]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert not target.exists()
 
 
 def test_cli_generate(
