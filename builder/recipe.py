@@ -187,7 +187,7 @@ def render_template(path: Path, context: Mapping[str, Any]) -> str:
     except jinja2.exceptions.TemplateError as exc:
         line = _template_line(exc, "<template>")
         raise RecipeError(f"{path}:{line or '?'}: template error: {exc}") from None
-    except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+    except (ArithmeticError, LookupError, RecursionError, TypeError, ValueError) as exc:
         # Raised by the template's own expressions ({{ 1/0 }}, {{ "a" + 1 }}): the recipe's
         # fault, not ours.
         line = _template_line(exc, "<template>")

@@ -177,6 +177,7 @@ TEMPLATE_RUNTIME_ERRORS = {
     "str-plus-int": ('{{ "a" + 1 }}', "TypeError"),
     "bad-format": ('{{ "%d" % "x" }}', "TypeError"),
     "zero-step": ("{{ range(1, 2, 0) | list }}", "ValueError"),
+    "endless-macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
 }
 
 
