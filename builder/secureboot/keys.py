@@ -10,6 +10,7 @@ never private keys.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
@@ -185,7 +186,14 @@ def generate_keyset(
     }
     ders = {role: certs[role].public_bytes(serialization.Encoding.DER) for role in ROLES}
     owner = owner_guid if owner_guid is not None else default_owner_guid(ders["PK"])
-    with staging_dir(directory) as stage:
+    staging = contextlib.ExitStack()
+    try:
+        stage = staging.enter_context(staging_dir(directory))
+    except OSError as exc:
+        raise UserInputError(
+            f"{exc.filename or directory}: cannot make the key set folder: {exc.strerror}"
+        ) from None
+    with staging:
         for role in ROLES:
             paths = KeyPaths.of(stage, role)
             pem_key = keys[role].private_bytes(

@@ -124,6 +124,14 @@ def test_cli_generate_bad_values_are_one_line(
     assert not target.exists()
 
 
+# Regression: a key set folder that cannot be made (its parent is a file) was a traceback.
+def test_generate_where_no_folder_can_be_made(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserInputError, match=r"file: cannot make the key set folder"):
+        generate_keyset(tmp_path / "file" / "keys", source_date_epoch=SDE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def test_cli_generate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
