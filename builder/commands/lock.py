@@ -53,6 +53,9 @@ def handle(args: argparse.Namespace) -> int:
             raise InputFileError(f"{target}: cannot read the lock file: {exc.strerror}") from None
         previous = Lock.from_json(data, str(target))
     lock = make_lock(recipe.packages, recipe.locked_files, offline=args.offline, previous=previous)
-    write_atomic(target, lock.to_json())
+    try:
+        write_atomic(target, lock.to_json())
+    except OSError as exc:
+        raise InputFileError(f"{target}: cannot write the lock file: {exc.strerror}") from None
     print(f"wrote {target}")
     return 0

@@ -275,3 +275,29 @@ def test_out_that_is_a_file_is_one_line(recipe_copy: Path, tmp_path: Path) -> No
         "Not a directory (hint: choose another --out)"
     ]
     assert out.read_text() == "not a folder\n"
+
+
+# Regression: `bootchain lock` in a read-only recipe folder was a PermissionError traceback.
+def test_lock_verb_in_a_read_only_folder_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dest = tmp_path / "recipes"
+    shutil.copytree(RECIPES, dest)
+    (dest / "debian-minimal.lock.json").unlink()
+    dest.chmod(0o555)
+    argv = [sys.executable, "-m", "builder.cli", "lock", str(dest / "debian-minimal.yaml")]
+    if os.geteuid() == 0:  # root writes anywhere: drop the capabilities that allow it
+        caps = "-dac_override,-dac_read_search,-fowner"
+        argv = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *argv]
+    try:
+        proc = subprocess.run(
+            [*argv, "--offline"], cwd=ROOT, capture_output=True, text=True, check=False
+        )
+    finally:
+        dest.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"bootchain: error: {dest}/debian-minimal.lock.json: cannot write the lock file: "
+        "Permission denied"
+    ]
