@@ -12,6 +12,7 @@ DEBIAN_PACKAGES=(
   tpm2-tools systemd                         # tpm2_eventlog, systemd-measure oracles
   softhsm2 opensc efitools                   # PKCS#11 signing tests, .auth/.esl oracles
   kmod busybox-static                        # modinfo and busybox cpio oracles for the initrd
+  util-linux                                 # setpriv: tests of unreadable inputs as a non-root user
   faketime                                   # reproducibility check under another clock
   python3 python3-venv
 )
